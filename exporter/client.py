@@ -1,0 +1,276 @@
+"""HTTP calls to one provider: limits, classification, one retry, and request accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from . import __version__
+from .errors import FailureClass, ProviderError
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+# OpenTelemetry GenAI's operation-duration buckets: doubling from 10 ms to about 82 s.
+DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
+# Shorter than the 5 s keep-alive that llama-server and uvicorn announce, so the pool
+# drops a connection before the server does instead of racing it.
+KEEPALIVE_EXPIRY = 4.0
+SUCCESS = "success"
+
+if TYPE_CHECKING:
+    from .config import ProviderConfig
+
+
+@dataclass
+class DurationStats:
+    """A histogram's bucket counts (not cumulative) and sum."""
+
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one duration."""
+        self.bucket_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+@dataclass
+class EndpointStats:
+    """Long-lived counts of the exporter's requests to one provider endpoint."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+
+
+@dataclass
+class ConnectionStats:
+    """Counts of every request the exporter made to every provider, since start."""
+
+    endpoints: dict[tuple[str, str], EndpointStats] = field(default_factory=dict)
+    durations: dict[str, DurationStats] = field(default_factory=dict)
+    last_request: dict[str, float] = field(default_factory=dict)
+
+    def observe(
+        self, provider: str, endpoint: str, outcome: str, seconds: float, at: float
+    ) -> None:
+        """Count one finished request."""
+        stats = self.endpoints.get((provider, endpoint))
+        if stats is None:
+            stats = self.endpoints[(provider, endpoint)] = EndpointStats()
+        stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
+        self.durations.setdefault(provider, DurationStats()).observe(seconds)
+        self.last_request[provider] = at
+
+    def count_retry(self, provider: str, endpoint: str) -> None:
+        """Count a request retried on a fresh connection after a stale keep-alive."""
+        self.endpoints.setdefault((provider, endpoint), EndpointStats()).retries += 1
+
+    def forget_except(self, providers: set[str]) -> None:
+        """Drop the counts of providers that are no longer configured."""
+        for key in [key for key in self.endpoints if key[0] not in providers]:
+            del self.endpoints[key]
+        for table in (self.durations, self.last_request):
+            for name in [name for name in table if name not in providers]:
+                del table[name]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A provider's answer: status and a size-bounded body."""
+
+    endpoint: str
+    status: int
+    body: bytes
+    content_type: str
+    seconds: float
+
+    def ok(self) -> Reply:
+        """Return self if the status is 2xx, else raise a classified ProviderError."""
+        if 200 <= self.status < 300:
+            return self
+        raise ProviderError(
+            status_failure(self.status), f"HTTP {self.status}", endpoint=self.endpoint
+        )
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            kind = "HTML" if self.body.lstrip()[:1] == b"<" else "malformed JSON"
+            raise ProviderError(
+                FailureClass.INVALID_RESPONSE, f"expected JSON, got {kind}", endpoint=self.endpoint
+            ) from None
+
+    def text(self) -> str:
+        """The body decoded as UTF-8."""
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProviderError(
+                FailureClass.INVALID_RESPONSE, "body is not UTF-8 text", endpoint=self.endpoint
+            ) from None
+
+
+def status_failure(status: int) -> FailureClass:
+    """The failure class of a non-2xx HTTP status."""
+    if 400 <= status < 500:
+        return FailureClass.HTTP_4XX
+    if status >= 500:
+        return FailureClass.HTTP_5XX
+    return FailureClass.INVALID_RESPONSE
+
+
+def _tls_verify(config: ProviderConfig) -> ssl.SSLContext | bool:
+    if config.tls_config.insecure_skip_verify:
+        return False
+    if config.tls_config.ca_file is not None:
+        return ssl.create_default_context(cafile=str(config.tls_config.ca_file))
+    return True
+
+
+class ProviderClient:
+    """Makes the requests of one provider and accounts for each of them."""
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        stats: ConnectionStats,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        headers = {"User-Agent": f"llm-exporter/{__version__}", **config.headers}
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self.provider = config.name
+        self.timeout = config.timeout
+        self._secret = config.api_key
+        self._stats = stats
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._max_body = max_body_bytes
+        self._http = httpx.AsyncClient(
+            base_url=config.url,
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout),
+            verify=_tls_verify(config),
+            transport=transport,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY),
+            trust_env=False,
+        )
+
+    async def get(self, endpoint: str) -> Reply:
+        """GET an endpoint; raise ProviderError on a transport fault or an oversized body."""
+        started = self._clock()
+        outcome = FailureClass.TIMEOUT.value
+        try:
+            reply = await self._get_with_retry(endpoint)
+            outcome = SUCCESS if 200 <= reply.status < 300 else status_failure(reply.status).value
+            return reply
+        except ProviderError as exc:
+            outcome = exc.failure.value
+            raise
+        finally:
+            # A cancelled request (the scrape deadline passed) is counted as a timeout.
+            self._stats.observe(
+                self.provider, endpoint, outcome, self._clock() - started, self._wall_clock()
+            )
+
+    async def _get_with_retry(self, endpoint: str) -> Reply:
+        try:
+            return await self._get_once(endpoint)
+        except _BeforeResponse:
+            # The server closed a pooled keep-alive connection before answering
+            # (llama-server does after 100 requests): not a provider fault, so retry once.
+            self._stats.count_retry(self.provider, endpoint)
+            try:
+                return await self._get_once(endpoint)
+            except httpx.HTTPError as exc:
+                return self._raise(endpoint, exc)
+        except httpx.HTTPError as exc:
+            return self._raise(endpoint, exc)
+
+    async def _get_once(self, endpoint: str) -> Reply:
+        started = self._clock()
+        try:
+            request = self._http.build_request("GET", endpoint)
+            response = await self._http.send(request, stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise _BeforeResponse(str(exc)) from exc
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self._max_body:
+                raise self._too_large(endpoint)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > self._max_body:
+                    raise self._too_large(endpoint)
+                chunks.append(chunk)
+            return Reply(
+                endpoint=endpoint,
+                status=response.status_code,
+                body=b"".join(chunks),
+                content_type=response.headers.get("content-type", ""),
+                seconds=self._clock() - started,
+            )
+        finally:
+            await response.aclose()
+
+    def _too_large(self, endpoint: str) -> ProviderError:
+        return ProviderError(
+            FailureClass.INVALID_RESPONSE,
+            f"response body larger than {self._max_body // (1024 * 1024)} MiB",
+            endpoint=endpoint,
+        )
+
+    def _raise(self, endpoint: str, exc: httpx.HTTPError) -> Reply:
+        cause = exc.__cause__ if isinstance(exc, _BeforeResponse) else exc
+        if isinstance(cause, httpx.TimeoutException):
+            failure, message = FailureClass.TIMEOUT, f"no answer within {self.timeout:g}s"
+        elif isinstance(cause, httpx.ConnectError | httpx.RemoteProtocolError | httpx.NetworkError):
+            failure, message = FailureClass.CONNECT, self._clean(str(cause)) or "connection failed"
+        elif isinstance(cause, httpx.DecodingError):
+            failure, message = FailureClass.INVALID_RESPONSE, "undecodable body"
+        else:
+            failure, message = FailureClass.CONNECT, type(cause).__name__
+        raise ProviderError(failure, message, endpoint=endpoint) from None
+
+    def _clean(self, message: str) -> str:
+        if self._secret:
+            message = message.replace(self._secret, "<secret>")
+        return message[:200]
+
+    async def get_all(self, *endpoints: str) -> list[Reply | ProviderError]:
+        """GET several endpoints concurrently; each result is a Reply or its ProviderError."""
+        results = await asyncio.gather(*(self.get(e) for e in endpoints), return_exceptions=True)
+        for result in results:
+            if not isinstance(result, Reply | ProviderError):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> ProviderClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _BeforeResponse(httpx.TransportError):
+    """A connection failed before any byte of the response arrived."""

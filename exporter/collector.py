@@ -1,0 +1,150 @@
+"""The runner: collects every provider concurrently under one deadline, plus host resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import httpx
+import psutil
+
+from .client import ConnectionStats, ProviderClient
+from .config import Config, ProviderConfig
+from .errors import FailureClass
+from .gpu import GpuReader, GpuSnapshot
+from .health import HealthReport, evaluate
+from .host import HostReader, HostSnapshot, ProcessFinder, ProcessSnapshot
+from .providers import KINDS, Provider
+from .providers.base import Failure, ProviderSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProviderResult:
+    """One provider's snapshot with how long it took and whether every request worked."""
+
+    config: ProviderConfig
+    snapshot: ProviderSnapshot
+    duration_seconds: float
+    process: ProcessSnapshot | None = None
+
+    @property
+    def success(self) -> bool:
+        """The provider answered and none of its requests failed."""
+        return self.snapshot.up and not self.snapshot.failures
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the host, the provider processes and the GPUs look like now."""
+
+    host: HostSnapshot | None
+    processes: dict[str, ProcessSnapshot]
+    gpus: tuple[GpuSnapshot, ...]
+
+
+@dataclass(frozen=True)
+class Collection:
+    """Everything one collection learned."""
+
+    providers: tuple[ProviderResult, ...]
+    resources: Resources
+    health: HealthReport
+    finished_at: float
+
+
+class Collector:
+    """Owns the provider adapters and their clients for one configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        stats: ConnectionStats | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        ps: ModuleType = psutil,
+        nvml: Any = None,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.stats = stats if stats is not None else ConnectionStats()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.clients = [
+            ProviderClient(p, self.stats, transport=transport, clock=clock, wall_clock=wall_clock)
+            for p in config.providers
+        ]
+        self.providers: list[Provider] = [
+            KINDS[p.kind](p, client)
+            for p, client in zip(config.providers, self.clients, strict=True)
+        ]
+        self.host = HostReader(config.host, ps) if config.host.enabled else None
+        self.gpu = GpuReader(nvml) if config.host.enabled and config.host.gpu else None
+        self.finders = {
+            p.name: ProcessFinder(p.process, ps) for p in config.providers if p.process is not None
+        }
+
+    async def collect(self, deadline: float | None = None) -> Collection:
+        """Collect all providers and resources; no provider can take longer than the deadline."""
+        budget = deadline if deadline is not None else self.config.global_.scrape_timeout
+        tasks = [self._collect_one(p, budget) for p in self.providers]
+        collected, resources = await asyncio.gather(
+            asyncio.gather(*tasks), asyncio.to_thread(self._read_resources)
+        )
+        results = tuple(
+            ProviderResult(
+                r.config, r.snapshot, r.duration_seconds, resources.processes.get(r.config.name)
+            )
+            for r in collected
+        )
+        health = evaluate(results, resources, self.config.health)
+        return Collection(results, resources, health, self.wall_clock())
+
+    async def _collect_one(self, provider: Provider, budget: float) -> ProviderResult:
+        config: ProviderConfig = provider.config  # type: ignore[attr-defined]
+        timeout = min(config.timeout, budget)
+        started = self.clock()
+        try:
+            snapshot = await asyncio.wait_for(provider.snapshot(), timeout)
+        except TimeoutError:
+            failure = Failure("", FailureClass.TIMEOUT, f"no complete answer within {timeout:g}s")
+            snapshot = ProviderSnapshot(up=False, failures=(failure,))
+        except Exception as exc:  # an adapter bug must cost one provider, not the scrape
+            log.warning(
+                "provider snapshot failed provider=%s error=%s", config.name, type(exc).__name__
+            )
+            failure = Failure("", FailureClass.INVALID_RESPONSE, type(exc).__name__)
+            snapshot = ProviderSnapshot(up=False, failures=(failure,))
+        duration = self.clock() - started
+        for failure in snapshot.failures:
+            log.debug(
+                "provider request failed provider=%s endpoint=%s class=%s message=%r",
+                config.name,
+                failure.endpoint,
+                failure.failure.value,
+                failure.message,
+            )
+        return ProviderResult(config, snapshot, duration)
+
+    def _read_resources(self) -> Resources:
+        processes = {}
+        for name, finder in self.finders.items():
+            process = finder.read()
+            if process is not None:
+                processes[name] = process
+        return Resources(
+            host=self.host.read() if self.host is not None else None,
+            processes=processes,
+            gpus=self.gpu.read() if self.gpu is not None else (),
+        )
+
+    async def aclose(self) -> None:
+        """Close every provider client."""
+        await asyncio.gather(*(client.aclose() for client in self.clients))

@@ -1,0 +1,505 @@
+"""Strict YAML configuration, parsed into frozen dataclasses.
+
+Every key is known; an unknown key, a wrong type or a bad value raises
+ConfigError naming the key path and the line. Strings may use ${ENV} (and $$ for
+a literal $); secrets may come from *_file keys instead of the file itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+from .errors import ConfigError
+from .providers import KINDS
+
+DEFAULT_LISTEN_ADDRESS = ":9741"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """How to verify a provider's certificate."""
+
+    insecure_skip_verify: bool = False
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProcessMatch:
+    """How to find a provider's process on this host (first that is set wins)."""
+
+    pid_file: Path | None = None
+    name: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One provider instance to watch."""
+
+    name: str
+    kind: str
+    url: str
+    api_key: str | None = field(default=None, repr=False)
+    timeout: float = 5.0
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tls_config: TLSConfig = TLSConfig()
+    process: ProcessMatch | None = None
+    max_models: int = 100
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Which host resources to collect."""
+
+    enabled: bool = True
+    mounts: tuple[str, ...] = ("/",)
+    gpu: bool = True
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A value at which a component turns degraded, and one at which it turns unhealthy."""
+
+    degraded: float | None
+    unhealthy: float | None
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Thresholds of the health verdicts."""
+
+    response_time: Threshold = Threshold(degraded=2.0, unhealthy=10.0)
+    memory_ratio: Threshold = Threshold(degraded=0.90, unhealthy=0.97)
+    disk_ratio: Threshold = Threshold(degraded=0.90, unhealthy=0.97)
+    cpu_ratio: Threshold = Threshold(degraded=0.95, unhealthy=None)
+    max_age: float = 5.0
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """Settings for the whole exporter."""
+
+    scrape_timeout: float = 10.0
+    scrape_timeout_margin: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, valid configuration."""
+
+    providers: tuple[ProviderConfig, ...] = ()
+    host: HostConfig = HostConfig()
+    health: HealthConfig = HealthConfig()
+    global_: GlobalConfig = GlobalConfig()
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Prometheus-style duration such as 5s, 500ms or 1m30s; None if malformed."""
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and text else None
+
+
+class _Constructor(SafeConstructor):
+    """Builds plain scalars from nodes, so values keep their line numbers until used."""
+
+
+class _Reader:
+    """Reads one YAML mapping strictly, remembering which keys were used."""
+
+    def __init__(self, node: yaml.Node, path: str, file: str) -> None:
+        self.path = path
+        self.file = file
+        self.line = node.start_mark.line + 1
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(path, f"expected a mapping, got {_describe(node)}", node)
+        self.items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                raise self.error(path, "keys must be strings", key_node)
+            if key in self.items:
+                raise self.error(self._sub(key), "duplicate key", key_node)
+            self.items[key] = (key_node, value_node)
+        self.used: set[str] = set()
+
+    def _sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, path: str, reason: str, node: yaml.Node | None = None) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None else self.line
+        return ConfigError(path, reason, line=line, file=self.file)
+
+    def node(self, key: str) -> yaml.Node | None:
+        self.used.add(key)
+        entry = self.items.get(key)
+        if entry is None or (entry[1].tag == "tag:yaml.org,2002:null"):
+            return None
+        return entry[1]
+
+    def scalar(self, key: str, convert: Callable[[Any, str, yaml.Node], T], default: T) -> T:
+        node = self.node(key)
+        if node is None:
+            return default
+        if not isinstance(node, yaml.ScalarNode):
+            return convert(_Unscalar(node), self._sub(key), node)
+        return convert(_Constructor().construct_object(node), self._sub(key), node)
+
+    def required(self, key: str, convert: Callable[[Any, str, yaml.Node], T]) -> T:
+        if self.node(key) is None:
+            raise self.error(self._sub(key), "is required")
+        value: T | None = self.scalar(key, convert, None)
+        assert value is not None
+        return value
+
+    def mapping(self, key: str) -> _Reader | None:
+        node = self.node(key)
+        return None if node is None else _Reader(node, self._sub(key), self.file)
+
+    def sequence(self, key: str) -> Iterator[tuple[yaml.Node, str]]:
+        node = self.node(key)
+        if node is None:
+            return
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(self._sub(key), f"expected a list, got {_describe(node)}", node)
+        for index, item in enumerate(node.value):
+            yield item, f"{self._sub(key)}[{index}]"
+
+    def finish(self) -> None:
+        for key, (key_node, _) in self.items.items():
+            if key not in self.used:
+                known = ", ".join(sorted(self.used))
+                raise self.error(self._sub(key), f"unknown key (known keys: {known})", key_node)
+
+
+class _Unscalar:
+    """Marks a list or mapping where a scalar was expected."""
+
+    def __init__(self, node: yaml.Node) -> None:
+        self.node = node
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, _Unscalar):
+        value = value.node
+    if isinstance(value, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(value, yaml.SequenceNode):
+        return "a list"
+    if isinstance(value, yaml.ScalarNode):
+        return f'"{value.value}"'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def _fail(path: str, node: yaml.Node, reason: str) -> ConfigError:
+    return ConfigError(path, reason, line=node.start_mark.line + 1)
+
+
+def _expand_env(text: str, path: str, node: yaml.Node) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        if name not in os.environ:
+            raise _fail(path, node, f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_RE.sub(replace, text)
+
+
+def _string(value: Any, path: str, node: yaml.Node) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, node, f"expected a string, got {_describe(value)}")
+    return _expand_env(value, path, node)
+
+
+def _bool(value: Any, path: str, node: yaml.Node) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, node, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _duration(value: Any, path: str, node: yaml.Node) -> float:
+    seconds = parse_duration(value) if isinstance(value, str) else None
+    if seconds is None or seconds <= 0:
+        raise _fail(path, node, f"expected a duration like 5s, got {_describe(value)}")
+    return seconds
+
+
+def _ratio(value: Any, path: str, node: yaml.Node) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise _fail(path, node, f"expected a ratio between 0 and 1, got {_describe(value)}")
+    return float(value)
+
+
+def _positive_int(value: Any, path: str, node: yaml.Node) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(path, node, f"expected a positive integer, got {_describe(value)}")
+    return value
+
+
+def _port(value: Any, path: str, node: yaml.Node) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise _fail(path, node, f"expected a port number 1-65535, got {_describe(value)}")
+    return value
+
+
+def _path(value: Any, path: str, node: yaml.Node) -> Path:
+    return Path(_string(value, path, node))
+
+
+def _url(value: Any, path: str, node: yaml.Node) -> str:
+    text = _string(value, path, node)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(path, node, "expected an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise _fail(path, node, "credentials in the URL are not allowed: use api_key or headers")
+    if parts.query or parts.fragment:
+        raise _fail(path, node, "expected a URL without query or fragment")
+    return text.rstrip("/")
+
+
+def _secret_file(value: Any, path: str, node: yaml.Node) -> str:
+    file = _path(value, path, node)
+    try:
+        secret = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise _fail(path, node, f"cannot read {file}: {exc.strerror or exc}") from None
+    if not secret:
+        raise _fail(path, node, f"{file} is empty")
+    return secret
+
+
+def _scrape_kind(value: Any, path: str, node: yaml.Node) -> str:
+    kind = _string(value, path, node)
+    if kind not in KINDS:
+        raise _fail(
+            path, node, f'unknown kind "{kind}", expected one of {", ".join(sorted(KINDS))}'
+        )
+    return kind
+
+
+def _name(value: Any, path: str, node: yaml.Node) -> str:
+    name = _string(value, path, node)
+    if not _NAME_RE.match(name):
+        raise _fail(
+            path,
+            node,
+            f'"{name}" is not a valid name: 1-63 letters, digits, "_", ".", ":" or "-"',
+        )
+    return name
+
+
+def _parse_tls(reader: _Reader | None) -> TLSConfig:
+    if reader is None:
+        return TLSConfig()
+    tls = TLSConfig(
+        insecure_skip_verify=reader.scalar("insecure_skip_verify", _bool, False),
+        ca_file=reader.scalar("ca_file", _path, None),
+    )
+    reader.finish()
+    if tls.ca_file is not None and not tls.ca_file.is_file():
+        raise reader.error(f"{reader.path}.ca_file", f"{tls.ca_file} is not a readable file")
+    return tls
+
+
+def _parse_process(reader: _Reader | None) -> ProcessMatch | None:
+    if reader is None:
+        return None
+    match = ProcessMatch(
+        pid_file=reader.scalar("pid_file", _path, None),
+        name=reader.scalar("name", _string, None),
+        port=reader.scalar("port", _port, None),
+    )
+    reader.finish()
+    if match == ProcessMatch():
+        raise reader.error(reader.path, "set one of pid_file, name or port")
+    return match
+
+
+def _parse_headers(reader: _Reader | None) -> dict[str, str]:
+    if reader is None:
+        return {}
+    headers = {}
+    for key in reader.items:
+        if not _HEADER_RE.match(key):
+            raise reader.error(f"{reader.path}.{key}", "not a valid HTTP header name")
+        headers[key] = reader.scalar(key, _string, "")
+    return headers
+
+
+def _parse_provider(node: yaml.Node, path: str, file: str) -> ProviderConfig:
+    reader = _Reader(node, path, file)
+    api_key = reader.scalar("api_key", _string, None)
+    api_key_from_file = reader.scalar("api_key_file", _secret_file, None)
+    if api_key is not None and api_key_from_file is not None:
+        raise reader.error(f"{path}.api_key_file", "set api_key or api_key_file, not both")
+    provider = ProviderConfig(
+        name=reader.required("name", _name),
+        kind=reader.required("kind", _scrape_kind),
+        url=reader.required("url", _url),
+        api_key=api_key if api_key is not None else api_key_from_file,
+        timeout=reader.scalar("timeout", _duration, ProviderConfig.timeout),
+        headers=_parse_headers(reader.mapping("headers")),
+        tls_config=_parse_tls(reader.mapping("tls_config")),
+        process=_parse_process(reader.mapping("process")),
+        max_models=reader.scalar("max_models", _positive_int, ProviderConfig.max_models),
+    )
+    reader.finish()
+    return provider
+
+
+def _parse_threshold(reader: _Reader | None, default: Threshold, ratio: bool) -> Threshold:
+    if reader is None:
+        return default
+    convert = _ratio if ratio else _duration
+    threshold = Threshold(
+        degraded=reader.scalar("degraded", convert, default.degraded),
+        unhealthy=reader.scalar("unhealthy", convert, default.unhealthy),
+    )
+    reader.finish()
+    low, high = threshold.degraded, threshold.unhealthy
+    if low is not None and high is not None and low > high:
+        raise reader.error(reader.path, "degraded must not be above unhealthy")
+    return threshold
+
+
+def _parse_health(reader: _Reader | None) -> HealthConfig:
+    if reader is None:
+        return HealthConfig()
+    default = HealthConfig()
+    health = HealthConfig(
+        response_time=_parse_threshold(
+            reader.mapping("response_time"), default.response_time, ratio=False
+        ),
+        memory_ratio=_parse_threshold(
+            reader.mapping("memory_ratio"), default.memory_ratio, ratio=True
+        ),
+        disk_ratio=_parse_threshold(reader.mapping("disk_ratio"), default.disk_ratio, ratio=True),
+        cpu_ratio=_parse_threshold(reader.mapping("cpu_ratio"), default.cpu_ratio, ratio=True),
+        max_age=reader.scalar("max_age", _duration, default.max_age),
+    )
+    reader.finish()
+    return health
+
+
+def _parse_host(reader: _Reader | None) -> HostConfig:
+    if reader is None:
+        return HostConfig()
+    mounts = tuple(_string_item(item, path) for item, path in reader.sequence("mounts"))
+    host = HostConfig(
+        enabled=reader.scalar("enabled", _bool, True),
+        mounts=mounts if reader.items.get("mounts") else HostConfig.mounts,
+        gpu=reader.scalar("gpu", _bool, True),
+    )
+    reader.finish()
+    return host
+
+
+def _string_item(node: yaml.Node, path: str) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise _fail(path, node, f"expected a string, got {_describe(node)}")
+    return _string(_Constructor().construct_object(node), path, node)
+
+
+def _parse_global(reader: _Reader | None) -> GlobalConfig:
+    if reader is None:
+        return GlobalConfig()
+    settings = GlobalConfig(
+        scrape_timeout=reader.scalar("scrape_timeout", _duration, GlobalConfig.scrape_timeout),
+        scrape_timeout_margin=reader.scalar(
+            "scrape_timeout_margin", _duration, GlobalConfig.scrape_timeout_margin
+        ),
+    )
+    reader.finish()
+    return settings
+
+
+def parse_config(text: str, file: str = "") -> Config:
+    """Parse and validate a whole configuration; raise ConfigError if anything is wrong."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(
+            "", f"invalid YAML: {exc.problem or exc.context}", line=line, file=file
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"invalid YAML: {exc}", file=file) from None
+    if root is None:
+        raise ConfigError("", "the file is empty: configure at least one provider", file=file)
+    try:
+        return _parse_root(root, file)
+    except ConfigError as exc:
+        exc.file = file
+        raise
+
+
+def _parse_root(root: yaml.Node, file: str) -> Config:
+    reader = _Reader(root, "", file)
+    providers = tuple(
+        _parse_provider(node, path, file) for node, path in reader.sequence("providers")
+    )
+    seen: dict[str, int] = {}
+    for index, provider in enumerate(providers):
+        if provider.name in seen:
+            node = reader.items["providers"][1].value[index]
+            raise reader.error(
+                f"providers[{index}].name",
+                f'"{provider.name}" is already used by providers[{seen[provider.name]}]',
+                node,
+            )
+        seen[provider.name] = index
+    config = Config(
+        providers=providers,
+        host=_parse_host(reader.mapping("host")),
+        health=_parse_health(reader.mapping("health")),
+        global_=_parse_global(reader.mapping("global")),
+    )
+    reader.finish()
+    if not providers and not config.host.enabled:
+        raise reader.error("providers", "nothing to do: configure a provider or enable host")
+    if not math.isfinite(config.global_.scrape_timeout):
+        raise reader.error("global.scrape_timeout", "must be finite")
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and parse a configuration file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read the file: {exc.strerror or exc}", file=file) from None
+    except UnicodeDecodeError:
+        raise ConfigError("", "the file is not UTF-8 text", file=file) from None
+    return parse_config(text, file)

@@ -1,0 +1,56 @@
+"""The exporter's one exception hierarchy.
+
+ExporterError
+├── ConfigError        a configuration file that cannot be used; names the key path and line
+└── ProviderError      a provider request that failed; carries one FailureClass
+
+Nothing else is raised to callers: adapters turn every provider fault into a
+ProviderError, and the collector turns every ProviderError into series.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureClass(StrEnum):
+    """Why a request to a provider failed (OpenTelemetry error.type style)."""
+
+    TIMEOUT = "timeout"
+    CONNECT = "connect"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    INVALID_RESPONSE = "invalid_response"
+
+
+class ExporterError(Exception):
+    """Base class of every error the exporter raises on purpose."""
+
+
+class ConfigError(ExporterError):
+    """A configuration that cannot be used, with where and why."""
+
+    def __init__(self, path: str, reason: str, *, line: int | None = None, file: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        self.line = line
+        self.file = file
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where = f"{where}:{self.line}" if where else f"line {self.line}"
+        prefix = f"{where}: " if where else ""
+        key = f"{self.path}: " if self.path else ""
+        return f"config error: {prefix}{key}{self.reason}"
+
+
+class ProviderError(ExporterError):
+    """A failed request to a provider, classified."""
+
+    def __init__(self, failure: FailureClass, message: str, *, endpoint: str = "") -> None:
+        self.failure = failure
+        self.message = message
+        self.endpoint = endpoint
+        super().__init__(f"{endpoint}: {failure.value}: {message}" if endpoint else message)

@@ -1,0 +1,280 @@
+"""Renders snapshots into metric families. Every metric name is declared here, once."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from . import __version__
+from .client import DURATION_BUCKETS, ConnectionStats
+from .collector import Collection, ProviderResult
+from .health import Status
+from .providers.base import EngineSnapshot, HistogramData
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A metric's name, type, help and label names."""
+
+    name: str
+    type: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+    def family(self) -> Metric:
+        """A new, empty metric family for this spec."""
+        if self.type == "counter":
+            return CounterMetricFamily(
+                self.name.removesuffix("_total"), self.help, labels=self.labels
+            )
+        if self.type == "histogram":
+            return HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+
+P = ("provider",)
+PM = ("provider", "model")
+SPECS = {
+    s.name: s
+    for s in (
+        # Providers, read at scrape time.
+        Spec("llm_provider_up", "gauge", "1 if the provider answered its status endpoint.", (*P, "kind")),
+        Spec("llm_provider_ready", "gauge", "1 if the provider is ready to serve (0 while it loads a model).", P),
+        Spec("llm_provider_info", "gauge", "The provider's kind and version (always 1).", (*P, "kind", "version")),
+        Spec("llm_provider_response_time_seconds", "gauge", "How long the provider's status endpoint took to answer.", P),
+        Spec("llm_exporter_scrape_duration_seconds", "gauge", "How long collecting this provider took.", P),
+        Spec("llm_exporter_scrape_success", "gauge", "1 if every request of this provider's collection succeeded.", P),
+        # Requests the exporter itself made to providers, since it started.
+        Spec("llm_provider_requests_total", "counter", "Requests the exporter made to the provider, by endpoint and outcome (success or failure class).", (*P, "endpoint", "outcome")),
+        Spec("llm_provider_request_duration_seconds", "histogram", "Duration of the requests the exporter made to the provider.", P),
+        Spec("llm_provider_request_retries_total", "counter", "Requests retried on a fresh connection after the provider closed an idle keep-alive one.", (*P, "endpoint")),
+        Spec("llm_provider_last_request_timestamp_seconds", "gauge", "When the exporter last finished a request to the provider.", P),
+        # Models.
+        Spec("llm_model_info", "gauge", "A model the provider knows, with its details (always 1).", (*PM, "family", "parameter_size", "quantization", "format")),
+        Spec("llm_model_loaded", "gauge", "1 if the model is loaded in memory, 0 if it is only on disk.", PM),
+        Spec("llm_model_size_bytes", "gauge", "Size of the model's file on disk.", PM),
+        Spec("llm_model_memory_bytes", "gauge", "Memory the loaded model takes: total, and the part in GPU memory (vram).", (*PM, "memory")),
+        Spec("llm_model_context_tokens", "gauge", "Context length the model is served with, in tokens.", PM),
+        Spec("llm_model_expiry_timestamp_seconds", "gauge", "When the provider will unload the model if it stays idle.", PM),
+        # What the serving engine reports about its own work.
+        Spec("llm_requests_running", "gauge", "Requests the provider is processing now.", PM),
+        Spec("llm_requests_waiting", "gauge", "Requests queued at the provider, waiting to be processed.", PM),
+        Spec("llm_kv_cache_usage_ratio", "gauge", "Share of the KV cache in use, from 0 to 1.", PM),
+        Spec("llm_slots", "gauge", "The provider's processing slots, by state (busy or idle).", (*PM, "state")),
+        Spec("llm_tokens_total", "counter", "Tokens the provider processed, by type (input: prompt tokens evaluated, output: generated).", (*PM, "type")),
+        Spec("llm_input_tokens_cached_total", "counter", "Prompt tokens the provider reused from its cache instead of evaluating.", PM),
+        Spec("llm_token_processing_seconds_total", "counter", "Time the provider spent evaluating prompts (input) and generating (output), summed over requests.", (*PM, "type")),
+        Spec("llm_tokens_per_second", "gauge", "The provider's own average throughput, by type.", (*PM, "type")),
+        Spec("llm_requests_finished_total", "counter", "Requests the provider finished, by reason (stop, length, abort, error).", (*PM, "reason")),
+        Spec("llm_time_to_first_token_seconds", "histogram", "Time to first token of the provider's requests, as the provider measured it.", PM),
+        Spec("llm_request_duration_seconds", "histogram", "End-to-end duration of the provider's requests, as the provider measured it.", PM),
+        Spec("llm_inter_token_latency_seconds", "histogram", "Time between output tokens of the provider's requests, as the provider measured it.", PM),
+        Spec("llm_request_queue_duration_seconds", "histogram", "Time the provider's requests waited in its queue.", PM),
+        # The host.
+        Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
+        Spec("llm_host_cpu_count", "gauge", "Logical CPUs of the host.", ()),
+        Spec("llm_host_memory_used_bytes", "gauge", "Host memory in use (total less available).", ()),
+        Spec("llm_host_memory_available_bytes", "gauge", "Host memory available to new work without swapping.", ()),
+        Spec("llm_host_memory_total_bytes", "gauge", "Host memory in total.", ()),
+        Spec("llm_host_boot_time_seconds", "gauge", "When the host booted.", ()),
+        Spec("llm_host_disk_used_bytes", "gauge", "Space used on a configured mount point.", ("mountpoint",)),
+        Spec("llm_host_disk_total_bytes", "gauge", "Size of a configured mount point.", ("mountpoint",)),
+        # Provider processes on this host.
+        Spec("llm_provider_process_resident_memory_bytes", "gauge", "Resident memory of the provider's process.", P),
+        Spec("llm_provider_process_cpu_seconds_total", "counter", "CPU time (user and system) the provider's process used.", P),
+        Spec("llm_provider_process_start_time_seconds", "gauge", "When the provider's process started.", P),
+        Spec("llm_provider_process_open_fds", "gauge", "Open file descriptors of the provider's process.", P),
+        Spec("llm_provider_process_gpu_memory_bytes", "gauge", "GPU memory the provider's process uses, per GPU.", (*P, "gpu")),
+        # GPUs.
+        Spec("llm_gpu_info", "gauge", "A GPU's name and UUID (always 1).", ("gpu", "name", "uuid")),
+        Spec("llm_gpu_memory_used_bytes", "gauge", "GPU memory in use.", ("gpu",)),
+        Spec("llm_gpu_memory_total_bytes", "gauge", "GPU memory in total.", ("gpu",)),
+        Spec("llm_gpu_utilization_ratio", "gauge", "Share of time the GPU was busy over the driver's last sample period, from 0 to 1.", ("gpu",)),
+        Spec("llm_gpu_temperature_celsius", "gauge", "GPU temperature.", ("gpu",)),
+        Spec("llm_gpu_power_watts", "gauge", "GPU power draw.", ("gpu",)),
+        # Health and the exporter itself.
+        Spec("llm_health_status", "gauge", "Health of a component: 1 for its current state (healthy, degraded, unhealthy), 0 for the others.", ("component", "provider", "state")),
+        Spec("llm_exporter_build_info", "gauge", "The exporter's version (always 1).", ("version", "python_version")),
+        Spec("llm_exporter_config_last_reload_successful", "gauge", "1 if the last configuration reload succeeded.", ()),
+        Spec("llm_exporter_config_last_reload_success_timestamp_seconds", "gauge", "When the configuration was last loaded successfully.", ()),
+    )
+}  # fmt: skip
+
+
+class _Families:
+    """Families created on first use, in declaration order."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Metric] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        family = self.by_name.get(name)
+        if family is None:
+            family = self.by_name[name] = SPECS[name].family()
+        return family
+
+    def add(self, name: str, labels: Iterable[str], value: float | None) -> None:
+        if value is not None:
+            self[name].add_metric(list(labels), value)
+
+    def histogram(self, name: str, labels: list[str], data: HistogramData | None) -> None:
+        if data is None or not data.buckets:
+            return
+        buckets = [(_bound(bound), count) for bound, count in data.buckets]
+        self[name].add_metric(labels, buckets, data.sum)
+
+    def __iter__(self) -> Iterator[Metric]:
+        return (self.by_name[name] for name in SPECS if name in self.by_name)
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))
+
+
+def _provider(out: _Families, result: ProviderResult) -> None:
+    name, snapshot = result.config.name, result.snapshot
+    out.add("llm_provider_up", [name, result.config.kind], float(snapshot.up))
+    out.add("llm_exporter_scrape_duration_seconds", [name], result.duration_seconds)
+    out.add("llm_exporter_scrape_success", [name], float(result.success))
+    if not snapshot.up:
+        return
+    out.add("llm_provider_ready", [name], float(snapshot.ready))
+    out.add("llm_provider_info", [name, result.config.kind, snapshot.version], 1.0)
+    out.add("llm_provider_response_time_seconds", [name], snapshot.response_time_seconds)
+    for model in snapshot.models:
+        labels = [name, model.name]
+        out.add(
+            "llm_model_info",
+            [*labels, model.family, model.parameter_size, model.quantization, model.format],
+            1.0,
+        )
+        out.add("llm_model_loaded", labels, None if model.loaded is None else float(model.loaded))
+        out.add("llm_model_size_bytes", labels, model.size_bytes)
+        out.add("llm_model_memory_bytes", [*labels, "total"], model.memory_bytes)
+        out.add("llm_model_memory_bytes", [*labels, "vram"], model.vram_bytes)
+        out.add("llm_model_context_tokens", labels, model.context_length)
+        out.add("llm_model_expiry_timestamp_seconds", labels, model.expires_at)
+    for engine in snapshot.engines:
+        _engine(out, name, engine)
+
+
+def _engine(out: _Families, provider: str, engine: EngineSnapshot) -> None:
+    labels = [provider, engine.model]
+    out.add("llm_requests_running", labels, engine.requests_running)
+    out.add("llm_requests_waiting", labels, engine.requests_waiting)
+    out.add("llm_kv_cache_usage_ratio", labels, engine.kv_cache_usage_ratio)
+    out.add("llm_slots", [*labels, "busy"], engine.slots_busy)
+    out.add("llm_slots", [*labels, "idle"], engine.slots_idle)
+    out.add("llm_tokens_total", [*labels, "input"], engine.input_tokens_total)
+    out.add("llm_tokens_total", [*labels, "output"], engine.output_tokens_total)
+    out.add("llm_input_tokens_cached_total", labels, engine.cached_input_tokens_total)
+    out.add("llm_token_processing_seconds_total", [*labels, "input"], engine.input_seconds_total)
+    out.add("llm_token_processing_seconds_total", [*labels, "output"], engine.output_seconds_total)
+    out.add("llm_tokens_per_second", [*labels, "input"], engine.input_tokens_per_second)
+    out.add("llm_tokens_per_second", [*labels, "output"], engine.output_tokens_per_second)
+    for reason, count in sorted(engine.finished_requests.items()):
+        out.add("llm_requests_finished_total", [*labels, reason], count)
+    out.histogram("llm_time_to_first_token_seconds", labels, engine.time_to_first_token)
+    out.histogram("llm_request_duration_seconds", labels, engine.request_duration)
+    out.histogram("llm_inter_token_latency_seconds", labels, engine.inter_token_latency)
+    out.histogram("llm_request_queue_duration_seconds", labels, engine.queue_duration)
+
+
+def _connections(out: _Families, stats: ConnectionStats) -> None:
+    bounds = [*DURATION_BUCKETS, float("inf")]
+    for (provider, endpoint), endpoint_stats in sorted(stats.endpoints.items()):
+        for outcome, count in sorted(endpoint_stats.outcomes.items()):
+            out.add("llm_provider_requests_total", [provider, endpoint, outcome], count)
+        if endpoint_stats.retries:
+            out.add(
+                "llm_provider_request_retries_total", [provider, endpoint], endpoint_stats.retries
+            )
+    for provider, durations in sorted(stats.durations.items()):
+        cumulative = tuple(zip(bounds, accumulate(durations.bucket_counts), strict=True))
+        out.histogram(
+            "llm_provider_request_duration_seconds",
+            [provider],
+            HistogramData(cumulative, durations.total),
+        )
+    for provider, at in sorted(stats.last_request.items()):
+        out.add("llm_provider_last_request_timestamp_seconds", [provider], at)
+
+
+def _resources(out: _Families, collection: Collection) -> None:
+    host = collection.resources.host
+    if host is not None:
+        out.add("llm_host_cpu_usage_ratio", [], host.cpu_usage_ratio)
+        out.add("llm_host_cpu_count", [], float(host.cpu_count))
+        out.add("llm_host_memory_used_bytes", [], host.memory_used_bytes)
+        out.add("llm_host_memory_available_bytes", [], host.memory_available_bytes)
+        out.add("llm_host_memory_total_bytes", [], host.memory_total_bytes)
+        out.add("llm_host_boot_time_seconds", [], host.boot_time_seconds)
+        for disk in host.disks:
+            out.add("llm_host_disk_used_bytes", [disk.mountpoint], disk.used_bytes)
+            out.add("llm_host_disk_total_bytes", [disk.mountpoint], disk.total_bytes)
+    pids = {}
+    for name, process in sorted(collection.resources.processes.items()):
+        pids[process.pid] = name
+        out.add("llm_provider_process_resident_memory_bytes", [name], process.resident_memory_bytes)
+        out.add("llm_provider_process_cpu_seconds_total", [name], process.cpu_seconds_total)
+        out.add("llm_provider_process_start_time_seconds", [name], process.start_time_seconds)
+        out.add("llm_provider_process_open_fds", [name], process.open_fds)
+    for gpu in collection.resources.gpus:
+        index = str(gpu.index)
+        out.add("llm_gpu_info", [index, gpu.name, gpu.uuid], 1.0)
+        out.add("llm_gpu_memory_used_bytes", [index], gpu.memory_used_bytes)
+        out.add("llm_gpu_memory_total_bytes", [index], gpu.memory_total_bytes)
+        out.add("llm_gpu_utilization_ratio", [index], gpu.utilization_ratio)
+        out.add("llm_gpu_temperature_celsius", [index], gpu.temperature_celsius)
+        out.add("llm_gpu_power_watts", [index], gpu.power_watts)
+        for pid, used in sorted(gpu.process_memory_bytes.items()):
+            if pid in pids:
+                out.add("llm_provider_process_gpu_memory_bytes", [pids[pid], index], used)
+
+
+def _health(out: _Families, collection: Collection) -> None:
+    components = [*collection.health.components]
+    for component in components:
+        for state in Status:
+            labels = [component.component, component.provider, state.value]
+            out.add("llm_health_status", labels, float(component.status is state))
+    for state in Status:
+        out.add(
+            "llm_health_status",
+            ["overall", "", state.value],
+            float(collection.health.status is state),
+        )
+
+
+@dataclass(frozen=True)
+class ReloadState:
+    """Whether the last configuration reload worked, and when a configuration last loaded."""
+
+    successful: bool
+    success_timestamp: float
+
+
+def render(collection: Collection, stats: ConnectionStats, reload: ReloadState) -> list[Metric]:
+    """All metric families of one scrape."""
+    out = _Families()
+    for result in collection.providers:
+        _provider(out, result)
+    _connections(out, stats)
+    _resources(out, collection)
+    _health(out, collection)
+    out.add("llm_exporter_build_info", [__version__, platform.python_version()], 1.0)
+    out.add("llm_exporter_config_last_reload_successful", [], float(reload.successful))
+    out.add(
+        "llm_exporter_config_last_reload_success_timestamp_seconds", [], reload.success_timestamp
+    )
+    return list(out)

@@ -1,0 +1,182 @@
+"""The provider protocol and the snapshot types every provider kind produces.
+
+Snapshots are plain frozen dataclasses: adapters fill them, the renderer in
+exporter.metrics turns them into metric families. Nothing here knows Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+
+from ..errors import FailureClass, ProviderError
+
+if TYPE_CHECKING:
+    from ..client import ProviderClient, Reply
+    from ..config import ProviderConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed request of a collection, classified."""
+
+    endpoint: str
+    failure: FailureClass
+    message: str
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """A model a provider knows: on disk, served or loaded."""
+
+    name: str
+    loaded: bool | None = None
+    family: str = ""
+    parameter_size: str = ""
+    quantization: str = ""
+    format: str = ""
+    size_bytes: float | None = None
+    memory_bytes: float | None = None
+    vram_bytes: float | None = None
+    context_length: float | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class HistogramData:
+    """A cumulative histogram: (upper bound, cumulative count) pairs ending in +Inf."""
+
+    buckets: tuple[tuple[float, float], ...]
+    sum: float
+
+    @property
+    def count(self) -> float:
+        """Observations in all buckets."""
+        return self.buckets[-1][1] if self.buckets else 0.0
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What a serving engine reports about its own load and work for one model."""
+
+    model: str
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    kv_cache_usage_ratio: float | None = None
+    input_tokens_total: float | None = None
+    output_tokens_total: float | None = None
+    cached_input_tokens_total: float | None = None
+    input_seconds_total: float | None = None
+    output_seconds_total: float | None = None
+    input_tokens_per_second: float | None = None
+    output_tokens_per_second: float | None = None
+    slots_busy: float | None = None
+    slots_idle: float | None = None
+    finished_requests: Mapping[str, float] = field(default_factory=dict)
+    time_to_first_token: HistogramData | None = None
+    request_duration: HistogramData | None = None
+    inter_token_latency: HistogramData | None = None
+    queue_duration: HistogramData | None = None
+
+
+@dataclass(frozen=True)
+class ProviderSnapshot:
+    """Everything one collection learned about one provider."""
+
+    up: bool
+    ready: bool = False
+    version: str = ""
+    response_time_seconds: float | None = None
+    models: tuple[ModelSnapshot, ...] = ()
+    engines: tuple[EngineSnapshot, ...] = ()
+    failures: tuple[Failure, ...] = ()
+
+
+class Provider(Protocol):
+    """A provider kind: reads one provider instance and returns a snapshot."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: ProviderConfig, client: ProviderClient) -> None: ...
+
+    async def snapshot(self) -> ProviderSnapshot:
+        """Read the provider; never raise: failures go into the snapshot."""
+        ...
+
+
+class Findings:
+    """Collects the failures of one snapshot while its replies are read."""
+
+    def __init__(self) -> None:
+        self.failures: list[Failure] = []
+
+    def add(self, error: ProviderError) -> None:
+        """Record a failure."""
+        self.failures.append(Failure(error.endpoint, error.failure, error.message))
+
+    def reply(self, result: Reply | ProviderError, *, optional: bool = False) -> Reply | None:
+        """The reply if it is a 2xx; else record why and return None.
+
+        An optional endpoint that the server does not offer (404, 501: llama-server
+        without --slots or --metrics) is not a failure: its series are just absent.
+        """
+        if isinstance(result, ProviderError):
+            self.add(result)
+            return None
+        if optional and result.status in (404, 501):
+            return None
+        try:
+            return result.ok()
+        except ProviderError as exc:
+            self.add(exc)
+            return None
+
+    def parse(self, reply: Reply | None, parse: Callable[[Reply], T]) -> T | None:
+        """parse(reply), or None with an invalid_response failure if its shape is wrong."""
+        if reply is None:
+            return None
+        try:
+            return parse(reply)
+        except ProviderError as exc:
+            self.add(exc)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            self.add(
+                ProviderError(
+                    FailureClass.INVALID_RESPONSE,
+                    f"unexpected shape ({type(exc).__name__})",
+                    endpoint=reply.endpoint,
+                )
+            )
+        return None
+
+
+def expect(value: object, kind: type[T], what: str, endpoint: str) -> T:
+    """value if it is of kind, else an invalid_response ProviderError naming what was expected."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProviderError(
+            FailureClass.INVALID_RESPONSE,
+            f"expected {what} to be {_KIND_NAMES.get(kind, kind.__name__)}, "
+            f"got {type(value).__name__}",
+            endpoint=endpoint,
+        )
+    return value
+
+
+def number(value: object) -> float | None:
+    """A finite non-negative number, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value >= 0 and value != float("inf") else None
+
+
+def text(value: object, limit: int = 128) -> str:
+    """A label-safe string: printable, at most limit characters; "" for anything else."""
+    if not isinstance(value, str):
+        return ""
+    return "".join(ch for ch in value if ch.isprintable())[:limit]
+
+
+_KIND_NAMES: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}

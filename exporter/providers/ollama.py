@@ -1,0 +1,117 @@
+"""Ollama.
+
+Reads GET /api/version, /api/tags (models on disk) and /api/ps (models loaded in
+memory). Ollama has no /metrics: its load and latency come from probes.
+
+    /api/ps {"name": "mistral:latest", "size": 5137025024, "size_vram": 5137025024, ...}
+      -> llm_model_loaded{model="mistral:latest"} 1
+         llm_model_memory_bytes{model="mistral:latest",memory="total"} 5137025024
+         llm_model_memory_bytes{model="mistral:latest",memory="vram"} 5137025024
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .base import Findings, ModelSnapshot, ProviderSnapshot, expect, number, text
+
+if TYPE_CHECKING:
+    from ..client import ProviderClient, Reply
+    from ..config import ProviderConfig
+
+
+def _timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    # Ollama writes the zero time (year 1) for "never": that is no expiry.
+    return moment.timestamp() if moment.year > 1970 else None
+
+
+def _model(entry: Any, endpoint: str, loaded: bool) -> ModelSnapshot:
+    entry = expect(entry, dict, "a model", endpoint)
+    details = entry.get("details")
+    details = details if isinstance(details, dict) else {}
+    size = number(entry.get("size"))
+    return ModelSnapshot(
+        name=text(expect(entry.get("name"), str, "a model name", endpoint)),
+        loaded=loaded,
+        family=text(details.get("family")),
+        parameter_size=text(details.get("parameter_size")),
+        quantization=text(details.get("quantization_level")),
+        format=text(details.get("format")),
+        size_bytes=size if not loaded else None,
+        memory_bytes=size if loaded else None,
+        vram_bytes=number(entry.get("size_vram")) if loaded else None,
+        context_length=number(entry.get("context_length")) if loaded else None,
+        expires_at=_timestamp(entry.get("expires_at")) if loaded else None,
+    )
+
+
+def _models(loaded: bool) -> Any:
+    def parse(reply: Reply) -> list[ModelSnapshot]:
+        body = expect(reply.json(), dict, "the body", reply.endpoint)
+        entries = expect(body.get("models"), list, "models", reply.endpoint)
+        return [_model(entry, reply.endpoint, loaded) for entry in entries]
+
+    return parse
+
+
+def _version(reply: Reply) -> str:
+    body = expect(reply.json(), dict, "the body", reply.endpoint)
+    return text(expect(body.get("version"), str, "version", reply.endpoint))
+
+
+def _merge(on_disk: list[ModelSnapshot], in_memory: list[ModelSnapshot]) -> list[ModelSnapshot]:
+    """One entry per model: what /api/tags says, with what /api/ps adds for loaded ones."""
+    loaded = {model.name: model for model in in_memory}
+    merged = []
+    for model in on_disk:
+        running = loaded.pop(model.name, None)
+        if running is None:
+            merged.append(replace(model, loaded=False))
+        else:
+            merged.append(
+                replace(
+                    running,
+                    size_bytes=model.size_bytes,
+                    family=running.family or model.family,
+                )
+            )
+    merged.extend(loaded.values())
+    return merged
+
+
+class OllamaProvider:
+    """Reads an Ollama server."""
+
+    kind: ClassVar[str] = "ollama"
+
+    def __init__(self, config: ProviderConfig, client: ProviderClient) -> None:
+        self.config = config
+        self.client = client
+
+    async def snapshot(self) -> ProviderSnapshot:
+        """Read version, models on disk and loaded models concurrently."""
+        findings = Findings()
+        version_r, tags_r, ps_r = await self.client.get_all("/api/version", "/api/tags", "/api/ps")
+        version_reply = findings.reply(version_r)
+        version = findings.parse(version_reply, _version)
+        if version is None:
+            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
+        assert version_reply is not None
+        on_disk = findings.parse(findings.reply(tags_r), _models(loaded=False)) or []
+        in_memory = findings.parse(findings.reply(ps_r), _models(loaded=True)) or []
+        return ProviderSnapshot(
+            up=True,
+            ready=True,
+            version=version,
+            response_time_seconds=version_reply.seconds,
+            models=tuple(_merge(on_disk, in_memory)[: self.config.max_models]),
+            failures=tuple(findings.failures),
+        )

@@ -1,0 +1,55 @@
+"""Any OpenAI-compatible server (LM Studio, LiteLLM, hosted APIs).
+
+The url is the API base as OpenAI clients take it (for example
+http://localhost:1234/v1); the adapter reads GET {url}/models, and the provider
+is up when that answers:
+
+    {"data": [{"id": "gpt-4o-mini", ...}]} -> llm_model_info{model="gpt-4o-mini"} 1
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from .base import Findings, ModelSnapshot, ProviderSnapshot, expect, text
+
+if TYPE_CHECKING:
+    from ..client import ProviderClient, Reply
+    from ..config import ProviderConfig
+
+
+def _models(reply: Reply) -> list[ModelSnapshot]:
+    body = expect(reply.json(), dict, "the body", reply.endpoint)
+    models = []
+    for entry in expect(body.get("data"), list, "data", reply.endpoint):
+        entry = expect(entry, dict, "a model", reply.endpoint)
+        models.append(
+            ModelSnapshot(name=text(expect(entry.get("id"), str, "a model id", reply.endpoint)))
+        )
+    return models
+
+
+class OpenAIProvider:
+    """Reads an OpenAI-compatible server."""
+
+    kind: ClassVar[str] = "openai"
+
+    def __init__(self, config: ProviderConfig, client: ProviderClient) -> None:
+        self.config = config
+        self.client = client
+
+    async def snapshot(self) -> ProviderSnapshot:
+        """List the models; the provider is up when the list is read."""
+        findings = Findings()
+        (reply,) = await self.client.get_all("/models")
+        models_reply = findings.reply(reply)
+        models = findings.parse(models_reply, _models)
+        if models is None or models_reply is None:
+            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
+        return ProviderSnapshot(
+            up=True,
+            ready=True,
+            response_time_seconds=models_reply.seconds,
+            models=tuple(models[: self.config.max_models]),
+            failures=tuple(findings.failures),
+        )

@@ -1,0 +1,120 @@
+"""vLLM's OpenAI-compatible server.
+
+Reads GET /health, /version, /v1/models and /metrics; the vllm:* series (labels
+engine and model_name) are summed over engines per model and re-emitted under the
+normalized names, histograms with their own buckets:
+
+    vllm:num_requests_waiting{engine="0",model_name="tiny"} 4   -> llm_requests_waiting{model="tiny"} 4
+    vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.27 -> llm_kv_cache_usage_ratio 0.27
+    vllm:time_to_first_token_seconds_bucket{le="0.06",...} 4   -> llm_time_to_first_token_seconds_bucket
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from .base import EngineSnapshot, Findings, ModelSnapshot, ProviderSnapshot, expect, number, text
+from .promtext import histograms_by, parse_samples, sum_by, sum_by_two
+
+if TYPE_CHECKING:
+    from ..client import ProviderClient, Reply
+    from ..config import ProviderConfig
+
+MODEL = "model_name"
+_GAUGES = {
+    "requests_running": ("vllm:num_requests_running",),
+    "requests_waiting": ("vllm:num_requests_waiting",),
+    # Renamed in vLLM 0.10 (V1 engine); both are fractions from 0 to 1.
+    "kv_cache_usage_ratio": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "input_tokens_total": ("vllm:prompt_tokens_total",),
+    "output_tokens_total": ("vllm:generation_tokens_total",),
+    "cached_input_tokens_total": ("vllm:prompt_tokens_cached_total",),
+    "input_seconds_total": ("vllm:request_prefill_time_seconds_sum",),
+    "output_seconds_total": ("vllm:request_decode_time_seconds_sum",),
+}
+_HISTOGRAMS = {
+    "time_to_first_token": ("vllm:time_to_first_token_seconds",),
+    "request_duration": ("vllm:e2e_request_latency_seconds",),
+    "inter_token_latency": (
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_per_output_token_seconds",
+    ),
+    "queue_duration": ("vllm:request_queue_time_seconds",),
+}
+
+
+def _models(reply: Reply) -> list[ModelSnapshot]:
+    body = expect(reply.json(), dict, "the body", reply.endpoint)
+    models = []
+    for entry in expect(body.get("data"), list, "data", reply.endpoint):
+        entry = expect(entry, dict, "a model", reply.endpoint)
+        models.append(
+            ModelSnapshot(
+                name=text(expect(entry.get("id"), str, "a model id", reply.endpoint)),
+                loaded=True,
+                context_length=number(entry.get("max_model_len")),
+            )
+        )
+    return models
+
+
+def _version(reply: Reply) -> str:
+    return text(expect(reply.json(), dict, "the body", reply.endpoint).get("version"))
+
+
+def _engines(reply: Reply) -> list[EngineSnapshot]:
+    samples = parse_samples(reply.text(), ("vllm:",), reply.endpoint)
+    fields: dict[str, dict[str, object]] = {}
+    for field_name, names in _GAUGES.items():
+        for name in names:
+            values = sum_by(samples, name, MODEL)
+            for model, value in values.items():
+                fields.setdefault(model, {})[field_name] = value
+            if values:
+                break
+    for field_name, names in _HISTOGRAMS.items():
+        for name in names:
+            histograms = histograms_by(samples, name, MODEL)
+            for model, histogram in histograms.items():
+                fields.setdefault(model, {})[field_name] = histogram
+            if histograms:
+                break
+    reasons = sum_by_two(samples, "vllm:request_success_total", MODEL, "finished_reason")
+    for model, by_reason in reasons.items():
+        fields.setdefault(model, {})["finished_requests"] = by_reason
+    return [
+        EngineSnapshot(model=text(model), **values)  # type: ignore[arg-type]
+        for model, values in sorted(fields.items())
+    ]
+
+
+class VllmProvider:
+    """Reads a vLLM server."""
+
+    kind: ClassVar[str] = "vllm"
+
+    def __init__(self, config: ProviderConfig, client: ProviderClient) -> None:
+        self.config = config
+        self.client = client
+
+    async def snapshot(self) -> ProviderSnapshot:
+        """Read health first; the rest concurrently once the server answers."""
+        findings = Findings()
+        (health,) = await self.client.get_all("/health")
+        if findings.reply(health) is None or isinstance(health, Exception):
+            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
+        models_r, version_r, metrics_r = await self.client.get_all(
+            "/v1/models", "/version", "/metrics"
+        )
+        models = findings.parse(findings.reply(models_r), _models) or []
+        version = findings.parse(findings.reply(version_r, optional=True), _version)
+        engines = findings.parse(findings.reply(metrics_r), _engines) or []
+        return ProviderSnapshot(
+            up=True,
+            ready=True,
+            version=version or "",
+            response_time_seconds=health.seconds,
+            models=tuple(models[: self.config.max_models]),
+            engines=tuple(engines[: self.config.max_models]),
+            failures=tuple(findings.failures),
+        )
