@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import ssl
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Container
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -23,6 +25,13 @@ DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
 # drops a connection before the server does instead of racing it.
 KEEPALIVE_EXPIRY = 4.0
 SUCCESS = "success"
+OK_STATUSES = range(200, 300)
+# How long an optional endpoint that answered 404 or 501 is left alone.
+UNSUPPORTED_RECHECK_SECONDS = 300.0
+T = TypeVar("T")
+# When the running collection must be done (on the client's clock): every request of
+# a provider shares what is left of one budget, so a provider costs at most its timeout.
+DEADLINE: ContextVar[float | None] = ContextVar("llm_exporter_deadline", default=None)
 
 if TYPE_CHECKING:
     from .config import ProviderConfig
@@ -119,6 +128,19 @@ class Reply:
             ) from None
 
 
+def _parse(reply: Reply, parse: Callable[[Reply], T]) -> T:
+    try:
+        return parse(reply)
+    except ProviderError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise ProviderError(
+            FailureClass.INVALID_RESPONSE,
+            f"unexpected shape ({type(exc).__name__})",
+            endpoint=reply.endpoint,
+        ) from None
+
+
 def status_failure(status: int) -> FailureClass:
     """The failure class of a non-2xx HTTP status."""
     if 400 <= status < 500:
@@ -159,6 +181,7 @@ class ProviderClient:
         self._clock = clock
         self._wall_clock = wall_clock
         self._max_body = max_body_bytes
+        self._unsupported: dict[str, float] = {}
         self._http = httpx.AsyncClient(
             base_url=config.url,
             headers=headers,
@@ -170,14 +193,46 @@ class ProviderClient:
             trust_env=False,
         )
 
-    async def get(self, endpoint: str) -> Reply:
-        """GET an endpoint; raise ProviderError on a transport fault or an oversized body."""
-        started = self._clock()
+    async def fetch(
+        self,
+        endpoint: str,
+        parse: Callable[[Reply], T],
+        *,
+        optional: bool = False,
+        statuses: Container[int] = OK_STATUSES,
+    ) -> T | None:
+        """GET an endpoint and parse the reply; raise a classified ProviderError if either fails.
+
+        A reply whose status is not in statuses is a failure, except that an optional
+        endpoint the server does not offer (404, 501: llama-server without --slots or
+        --metrics) gives None and is not asked for again for a while.
+        """
+        now = self._clock()
+        if self._unsupported.get(endpoint, -math.inf) > now:
+            return None
+        started = now
         outcome = FailureClass.TIMEOUT.value
+        deadline = DEADLINE.get()
+        budget = self.timeout if deadline is None else min(self.timeout, deadline - started)
         try:
-            reply = await self._get_with_retry(endpoint)
-            outcome = SUCCESS if 200 <= reply.status < 300 else status_failure(reply.status).value
-            return reply
+            if budget <= 0:
+                raise ProviderError(FailureClass.TIMEOUT, "no time left", endpoint=endpoint)
+            try:
+                async with asyncio.timeout(budget):
+                    reply = await self._get_with_retry(endpoint)
+            except TimeoutError:
+                raise ProviderError(
+                    FailureClass.TIMEOUT, f"no answer within {budget:.3g}s", endpoint=endpoint
+                ) from None
+            if reply.status not in statuses:
+                outcome = status_failure(reply.status).value
+                if optional and reply.status in (404, 501):
+                    self._unsupported[endpoint] = self._clock() + UNSUPPORTED_RECHECK_SECONDS
+                    return None
+                reply.ok()
+            value = _parse(reply, parse)
+            outcome = SUCCESS
+            return value
         except ProviderError as exc:
             outcome = exc.failure.value
             raise
@@ -252,14 +307,6 @@ class ProviderClient:
         if self._secret:
             message = message.replace(self._secret, "<secret>")
         return message[:200]
-
-    async def get_all(self, *endpoints: str) -> list[Reply | ProviderError]:
-        """GET several endpoints concurrently; each result is a Reply or its ProviderError."""
-        results = await asyncio.gather(*(self.get(e) for e in endpoints), return_exceptions=True)
-        for result in results:
-            if not isinstance(result, Reply | ProviderError):
-                raise result
-        return results  # type: ignore[return-value]
 
     async def aclose(self) -> None:
         """Close pooled connections."""

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psutil
 
-from .client import ConnectionStats, ProviderClient
+from .client import DEADLINE, ConnectionStats, ProviderClient
 from .config import Config, ProviderConfig
 from .errors import FailureClass
 from .gpu import GpuReader, GpuSnapshot
@@ -23,6 +23,7 @@ from .providers import KINDS, Provider
 from .providers.base import Failure, ProviderSnapshot
 
 log = logging.getLogger(__name__)
+GUARD_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,13 @@ class Collector:
         return Collection(results, resources, health, self.wall_clock())
 
     async def _collect_one(self, provider: Provider, budget: float) -> ProviderResult:
-        config: ProviderConfig = provider.config  # type: ignore[attr-defined]
+        config = provider.config
         timeout = min(config.timeout, budget)
         started = self.clock()
+        DEADLINE.set(started + timeout)
         try:
-            snapshot = await asyncio.wait_for(provider.snapshot(), timeout)
+            # The client keeps every request inside the deadline; this only guards the adapter.
+            snapshot = await asyncio.wait_for(provider.snapshot(), timeout + GUARD_SECONDS)
         except TimeoutError:
             failure = Failure("", FailureClass.TIMEOUT, f"no complete answer within {timeout:g}s")
             snapshot = ProviderSnapshot(up=False, failures=(failure,))

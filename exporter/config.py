@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +142,13 @@ class _Reader:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 raise self.error(path, "keys must be strings", key_node)
+            if key == "<<" and key_node.tag == "tag:yaml.org,2002:merge":
+                raise self.error(path, "YAML merge keys (<<) are not supported", key_node)
             if key in self.items:
-                raise self.error(self._sub(key), "duplicate key", key_node)
+                first = self.items[key][0].start_mark.line + 1
+                raise self.error(
+                    self._sub(key), f"duplicate key (first set on line {first})", key_node
+                )
             self.items[key] = (key_node, value_node)
         self.used: set[str] = set()
 
@@ -166,7 +172,7 @@ class _Reader:
             return default
         if not isinstance(node, yaml.ScalarNode):
             return convert(_Unscalar(node), self._sub(key), node)
-        return convert(_Constructor().construct_object(node), self._sub(key), node)
+        return convert(_construct(node, self._sub(key)), self._sub(key), node)
 
     def required(self, key: str, convert: Callable[[Any, str, yaml.Node], T]) -> T:
         if self.node(key) is None:
@@ -222,6 +228,17 @@ def _fail(path: str, node: yaml.Node, reason: str) -> ConfigError:
     return ConfigError(path, reason, line=node.start_mark.line + 1)
 
 
+def _construct(node: yaml.Node, path: str) -> Any:
+    """The Python value of a scalar node; a ConfigError for unknown tags or bad !!int and dates."""
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    try:
+        return _Constructor().construct_object(node)
+    except yaml.constructor.ConstructorError:
+        raise _fail(path, node, f"unsupported YAML tag {tag}") from None
+    except ValueError as exc:
+        raise _fail(path, node, f"cannot read {_describe(node)} as {tag}: {exc}") from None
+
+
 def _expand_env(text: str, path: str, node: yaml.Node) -> str:
     def replace(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -248,8 +265,15 @@ def _bool(value: Any, path: str, node: yaml.Node) -> bool:
 
 def _duration(value: Any, path: str, node: yaml.Node) -> float:
     seconds = parse_duration(value) if isinstance(value, str) else None
-    if seconds is None or seconds <= 0:
-        raise _fail(path, node, f"expected a duration like 5s, got {_describe(value)}")
+    if seconds is None or not 0 < seconds < math.inf:
+        hint = ""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            hint = f" (add a unit, as in {value:g}s)"
+        elif seconds == 0:
+            hint = " (must be above zero)"
+        elif seconds is not None:
+            hint = " (too long)"
+        raise _fail(path, node, f"expected a duration like 5s, got {_describe(value)}{hint}")
     return seconds
 
 
@@ -277,14 +301,28 @@ def _path(value: Any, path: str, node: yaml.Node) -> Path:
 
 def _url(value: Any, path: str, node: yaml.Node) -> str:
     text = _string(value, path, node)
-    parts = urlsplit(text)
+    # Quote the value only when it cannot hold credentials, so no secret reaches a log.
+    got = "" if "@" in text or "?" in text else f", got {_describe(text)}"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not 0-65535)
+    except ValueError as exc:
+        raise _fail(path, node, f"not a valid URL: {exc}{got}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail(path, node, "expected an http:// or https:// URL with a host")
+        raise _fail(path, node, f"expected an http:// or https:// URL with a host{got}")
     if parts.username or parts.password:
         raise _fail(path, node, "credentials in the URL are not allowed: use api_key or headers")
     if parts.query or parts.fragment:
         raise _fail(path, node, "expected a URL without query or fragment")
     return text.rstrip("/")
+
+
+def _secret(value: Any, path: str, node: yaml.Node) -> str:
+    if isinstance(value, _Unscalar):
+        raise _fail(path, node, f"expected a string, got {_describe(value)}")
+    if not isinstance(value, str):  # never repeat a secret in a message
+        raise _fail(path, node, "expected a string: put the key in quotes")
+    return _expand_env(value, path, node)
 
 
 def _secret_file(value: Any, path: str, node: yaml.Node) -> str:
@@ -293,6 +331,8 @@ def _secret_file(value: Any, path: str, node: yaml.Node) -> str:
         secret = file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise _fail(path, node, f"cannot read {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _fail(path, node, f"{file} is not UTF-8 text") from None
     if not secret:
         raise _fail(path, node, f"{file} is empty")
     return secret
@@ -313,7 +353,8 @@ def _name(value: Any, path: str, node: yaml.Node) -> str:
         raise _fail(
             path,
             node,
-            f'"{name}" is not a valid name: 1-63 letters, digits, "_", ".", ":" or "-"',
+            f'"{name}" is not a valid name: 1-63 letters, digits, "_", ".", ":" or "-",'
+            " starting with a letter or digit",
         )
     return name
 
@@ -326,8 +367,16 @@ def _parse_tls(reader: _Reader | None) -> TLSConfig:
         ca_file=reader.scalar("ca_file", _path, None),
     )
     reader.finish()
-    if tls.ca_file is not None and not tls.ca_file.is_file():
-        raise reader.error(f"{reader.path}.ca_file", f"{tls.ca_file} is not a readable file")
+    if tls.ca_file is not None:
+        where = f"{reader.path}.ca_file", reader.items["ca_file"][1]
+        if not tls.ca_file.is_file():
+            raise reader.error(where[0], f"{tls.ca_file} is not a readable file", where[1])
+        try:
+            ssl.create_default_context(cafile=str(tls.ca_file))
+        except OSError as exc:  # ssl.SSLError included
+            detail = re.sub(r"^\[[^\]]*\] | \(_ssl\.c:\d+\)$", "", str(exc.strerror or exc))
+            reason = f"cannot load CA certificates from {tls.ca_file}: {detail}"
+            raise reader.error(where[0], reason, where[1]) from None
     return tls
 
 
@@ -349,19 +398,30 @@ def _parse_headers(reader: _Reader | None) -> dict[str, str]:
     if reader is None:
         return {}
     headers = {}
-    for key in reader.items:
+    for key, (key_node, _) in reader.items.items():
         if not _HEADER_RE.match(key):
-            raise reader.error(f"{reader.path}.{key}", "not a valid HTTP header name")
-        headers[key] = reader.scalar(key, _string, "")
+            raise reader.error(f"{reader.path}.{key}", "not a valid HTTP header name", key_node)
+        headers[key] = reader.scalar(key, _header_value, "")
     return headers
+
+
+def _header_value(value: Any, path: str, node: yaml.Node) -> str:
+    text = _string(value, path, node)
+    if any(char in text for char in "\r\n\0"):
+        raise _fail(path, node, "a header value must not contain line breaks or NUL")
+    return text
 
 
 def _parse_provider(node: yaml.Node, path: str, file: str) -> ProviderConfig:
     reader = _Reader(node, path, file)
-    api_key = reader.scalar("api_key", _string, None)
+    api_key = reader.scalar("api_key", _secret, None)
     api_key_from_file = reader.scalar("api_key_file", _secret_file, None)
     if api_key is not None and api_key_from_file is not None:
-        raise reader.error(f"{path}.api_key_file", "set api_key or api_key_file, not both")
+        raise reader.error(
+            f"{path}.api_key_file",
+            "set api_key or api_key_file, not both",
+            reader.node("api_key_file"),
+        )
     provider = ProviderConfig(
         name=reader.required("name", _name),
         kind=reader.required("kind", _scrape_kind),
@@ -388,7 +448,10 @@ def _parse_threshold(reader: _Reader | None, default: Threshold, ratio: bool) ->
     reader.finish()
     low, high = threshold.degraded, threshold.unhealthy
     if low is not None and high is not None and low > high:
-        raise reader.error(reader.path, "degraded must not be above unhealthy")
+        unit = "" if ratio else "s"
+        raise reader.error(
+            reader.path, f"degraded ({low:g}{unit}) must not be above unhealthy ({high:g}{unit})"
+        )
     return threshold
 
 
@@ -417,7 +480,7 @@ def _parse_host(reader: _Reader | None) -> HostConfig:
     mounts = tuple(_string_item(item, path) for item, path in reader.sequence("mounts"))
     host = HostConfig(
         enabled=reader.scalar("enabled", _bool, True),
-        mounts=mounts if reader.items.get("mounts") else HostConfig.mounts,
+        mounts=mounts if reader.node("mounts") is not None else HostConfig.mounts,
         gpu=reader.scalar("gpu", _bool, True),
     )
     reader.finish()
@@ -427,7 +490,7 @@ def _parse_host(reader: _Reader | None) -> HostConfig:
 def _string_item(node: yaml.Node, path: str) -> str:
     if not isinstance(node, yaml.ScalarNode):
         raise _fail(path, node, f"expected a string, got {_describe(node)}")
-    return _string(_Constructor().construct_object(node), path, node)
+    return _string(_construct(node, path), path, node)
 
 
 def _parse_global(reader: _Reader | None) -> GlobalConfig:
@@ -443,6 +506,25 @@ def _parse_global(reader: _Reader | None) -> GlobalConfig:
     return settings
 
 
+def _yaml_reason(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's complaint, phrased for someone editing the file."""
+    problem = exc.problem or exc.context or "unreadable"
+    if problem.startswith("expected <block end>"):
+        return "the indentation does not match the lines above"
+    if problem == "mapping values are not allowed here":
+        return f'{problem} (quote a value that contains ": ")'
+    if problem.startswith("found character '\\t'"):
+        return "a tab cannot indent YAML: use spaces"
+    if exc.context and exc.problem and exc.context_mark is not None:
+        if problem.startswith("but "):  # expected a single document ..., but found another
+            return f"{exc.context}, {problem}"
+        first = exc.context_mark.line + 1
+        if exc.context.startswith("found duplicate anchor"):
+            return f"{exc.context} on line {first}"
+        return f"{problem}, {exc.context} started on line {first}"
+    return problem
+
+
 def parse_config(text: str, file: str = "") -> Config:
     """Parse and validate a whole configuration; raise ConfigError if anything is wrong."""
     try:
@@ -450,9 +532,7 @@ def parse_config(text: str, file: str = "") -> Config:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(
-            "", f"invalid YAML: {exc.problem or exc.context}", line=line, file=file
-        ) from None
+        raise ConfigError("", f"invalid YAML: {_yaml_reason(exc)}", line=line, file=file) from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", file=file) from None
     if root is None:
@@ -472,7 +552,7 @@ def _parse_root(root: yaml.Node, file: str) -> Config:
     seen: dict[str, int] = {}
     for index, provider in enumerate(providers):
         if provider.name in seen:
-            node = reader.items["providers"][1].value[index]
+            node = _Reader(reader.items["providers"][1].value[index], "", file).items["name"][1]
             raise reader.error(
                 f"providers[{index}].name",
                 f'"{provider.name}" is already used by providers[{seen[provider.name]}]',
@@ -488,8 +568,6 @@ def _parse_root(root: yaml.Node, file: str) -> Config:
     reader.finish()
     if not providers and not config.host.enabled:
         raise reader.error("providers", "nothing to do: configure a provider or enable host")
-    if not math.isfinite(config.global_.scrape_timeout):
-        raise reader.error("global.scrape_timeout", "must be finite")
     return config
 
 

@@ -6,14 +6,15 @@ exporter.metrics turns them into metric families. Nothing here knows Prometheus.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from ..errors import FailureClass, ProviderError
 
 if TYPE_CHECKING:
-    from ..client import ProviderClient, Reply
+    from ..client import ProviderClient
     from ..config import ProviderConfig
 
 T = TypeVar("T")
@@ -99,6 +100,7 @@ class Provider(Protocol):
     """A provider kind: reads one provider instance and returns a snapshot."""
 
     kind: ClassVar[str]
+    config: ProviderConfig
 
     def __init__(self, config: ProviderConfig, client: ProviderClient) -> None: ...
 
@@ -108,49 +110,28 @@ class Provider(Protocol):
 
 
 class Findings:
-    """Collects the failures of one snapshot while its replies are read."""
+    """Runs a snapshot's requests and keeps the failures, so one bad endpoint costs only itself."""
 
     def __init__(self) -> None:
         self.failures: list[Failure] = []
 
-    def add(self, error: ProviderError) -> None:
-        """Record a failure."""
-        self.failures.append(Failure(error.endpoint, error.failure, error.message))
+    async def gather(self, *fetches: Awaitable[Any]) -> list[Any]:
+        """Await fetches concurrently; each result is its value, or None with its failure kept."""
+        results = await asyncio.gather(*fetches, return_exceptions=True)
+        values: list[Any] = []
+        for result in results:
+            if isinstance(result, ProviderError):
+                self.failures.append(Failure(result.endpoint, result.failure, result.message))
+                values.append(None)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                values.append(result)
+        return values
 
-    def reply(self, result: Reply | ProviderError, *, optional: bool = False) -> Reply | None:
-        """The reply if it is a 2xx; else record why and return None.
-
-        An optional endpoint that the server does not offer (404, 501: llama-server
-        without --slots or --metrics) is not a failure: its series are just absent.
-        """
-        if isinstance(result, ProviderError):
-            self.add(result)
-            return None
-        if optional and result.status in (404, 501):
-            return None
-        try:
-            return result.ok()
-        except ProviderError as exc:
-            self.add(exc)
-            return None
-
-    def parse(self, reply: Reply | None, parse: Callable[[Reply], T]) -> T | None:
-        """parse(reply), or None with an invalid_response failure if its shape is wrong."""
-        if reply is None:
-            return None
-        try:
-            return parse(reply)
-        except ProviderError as exc:
-            self.add(exc)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            self.add(
-                ProviderError(
-                    FailureClass.INVALID_RESPONSE,
-                    f"unexpected shape ({type(exc).__name__})",
-                    endpoint=reply.endpoint,
-                )
-            )
-        return None
+    def snapshot(self, **fields: Any) -> ProviderSnapshot:
+        """A snapshot carrying the failures found so far."""
+        return ProviderSnapshot(failures=tuple(self.failures), **fields)
 
 
 def expect(value: object, kind: type[T], what: str, endpoint: str) -> T:

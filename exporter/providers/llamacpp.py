@@ -35,6 +35,11 @@ _METRICS = {
 }
 
 
+def _health(reply: Reply) -> tuple[bool, float]:
+    # llama-server answers 503 while it loads the model: alive, not ready.
+    return reply.status == 200, reply.seconds
+
+
 def _models(reply: Reply) -> list[ModelSnapshot]:
     body = expect(reply.json(), dict, "the body", reply.endpoint)
     models = []
@@ -70,7 +75,7 @@ def _slots(reply: Reply) -> tuple[float, float]:
 
 
 def _engine_values(reply: Reply) -> dict[str, float]:
-    samples = parse_samples(reply.text(), ("llamacpp:",), reply.endpoint)
+    samples = parse_samples(reply.text(), _METRICS, reply.endpoint)
     return {_METRICS[s.name]: s.value for s in samples if s.name in _METRICS}
 
 
@@ -86,32 +91,32 @@ class LlamaCppProvider:
     async def snapshot(self) -> ProviderSnapshot:
         """Read health first; the rest concurrently once the server answers."""
         findings = Findings()
-        (health,) = await self.client.get_all("/health")
-        if not isinstance(health, Exception) and health.status == 503:
-            # llama-server answers 503 while it loads the model: alive, not ready.
-            return ProviderSnapshot(up=True, ready=False, response_time_seconds=health.seconds)
-        if findings.reply(health) is None:
-            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
-        assert not isinstance(health, Exception)
-        models_r, props_r, slots_r, metrics_r = await self.client.get_all(
-            "/v1/models", "/props", "/slots", "/metrics"
+        (health,) = await findings.gather(
+            self.client.fetch("/health", _health, statuses=(200, 503))
         )
-        models = findings.parse(findings.reply(models_r), _models) or []
-        props = findings.parse(findings.reply(props_r, optional=True), _props) or {}
-        slots = findings.parse(findings.reply(slots_r, optional=True), _slots)
-        values = findings.parse(findings.reply(metrics_r, optional=True), _engine_values)
+        if health is None:
+            return findings.snapshot(up=False)
+        ready, seconds = health
+        if not ready:
+            return findings.snapshot(up=True, ready=False, response_time_seconds=seconds)
+        models, props, slots, values = await findings.gather(
+            self.client.fetch("/v1/models", _models),
+            self.client.fetch("/props", _props, optional=True),
+            self.client.fetch("/slots", _slots, optional=True),
+            self.client.fetch("/metrics", _engine_values, optional=True),
+        )
+        models, props = models or [], props or {}
         model = models[0].name if models else text(props.get("model_alias"))
         engines: tuple[EngineSnapshot, ...] = ()
         if values is not None or slots is not None:
             busy, idle = slots if slots is not None else (None, None)
             fields: dict[str, Any] = values or {}
             engines = (EngineSnapshot(model=model, slots_busy=busy, slots_idle=idle, **fields),)
-        return ProviderSnapshot(
+        return findings.snapshot(
             up=True,
             ready=True,
             version=text(props.get("build_info")),
-            response_time_seconds=health.seconds,
+            response_time_seconds=seconds,
             models=tuple(models[: self.config.max_models]),
             engines=engines,
-            failures=tuple(findings.failures),
         )

@@ -62,9 +62,9 @@ def _models(loaded: bool) -> Any:
     return parse
 
 
-def _version(reply: Reply) -> str:
+def _version(reply: Reply) -> tuple[str, float]:
     body = expect(reply.json(), dict, "the body", reply.endpoint)
-    return text(expect(body.get("version"), str, "version", reply.endpoint))
+    return text(expect(body.get("version"), str, "version", reply.endpoint)), reply.seconds
 
 
 def _merge(on_disk: list[ModelSnapshot], in_memory: list[ModelSnapshot]) -> list[ModelSnapshot]:
@@ -99,19 +99,18 @@ class OllamaProvider:
     async def snapshot(self) -> ProviderSnapshot:
         """Read version, models on disk and loaded models concurrently."""
         findings = Findings()
-        version_r, tags_r, ps_r = await self.client.get_all("/api/version", "/api/tags", "/api/ps")
-        version_reply = findings.reply(version_r)
-        version = findings.parse(version_reply, _version)
+        version, on_disk, in_memory = await findings.gather(
+            self.client.fetch("/api/version", _version),
+            self.client.fetch("/api/tags", _models(loaded=False)),
+            self.client.fetch("/api/ps", _models(loaded=True)),
+        )
         if version is None:
-            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
-        assert version_reply is not None
-        on_disk = findings.parse(findings.reply(tags_r), _models(loaded=False)) or []
-        in_memory = findings.parse(findings.reply(ps_r), _models(loaded=True)) or []
-        return ProviderSnapshot(
+            return findings.snapshot(up=False)
+        name, seconds = version
+        return findings.snapshot(
             up=True,
             ready=True,
-            version=version,
-            response_time_seconds=version_reply.seconds,
-            models=tuple(_merge(on_disk, in_memory)[: self.config.max_models]),
-            failures=tuple(findings.failures),
+            version=name,
+            response_time_seconds=seconds,
+            models=tuple(_merge(on_disk or [], in_memory or [])[: self.config.max_models]),
         )

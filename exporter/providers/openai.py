@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..config import ProviderConfig
 
 
-def _models(reply: Reply) -> list[ModelSnapshot]:
+def _models(reply: Reply) -> tuple[list[ModelSnapshot], float]:
     body = expect(reply.json(), dict, "the body", reply.endpoint)
     models = []
     for entry in expect(body.get("data"), list, "data", reply.endpoint):
@@ -26,7 +26,7 @@ def _models(reply: Reply) -> list[ModelSnapshot]:
         models.append(
             ModelSnapshot(name=text(expect(entry.get("id"), str, "a model id", reply.endpoint)))
         )
-    return models
+    return models, reply.seconds
 
 
 class OpenAIProvider:
@@ -41,15 +41,13 @@ class OpenAIProvider:
     async def snapshot(self) -> ProviderSnapshot:
         """List the models; the provider is up when the list is read."""
         findings = Findings()
-        (reply,) = await self.client.get_all("/models")
-        models_reply = findings.reply(reply)
-        models = findings.parse(models_reply, _models)
-        if models is None or models_reply is None:
-            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
-        return ProviderSnapshot(
+        (listing,) = await findings.gather(self.client.fetch("/models", _models))
+        if listing is None:
+            return findings.snapshot(up=False)
+        models, seconds = listing
+        return findings.snapshot(
             up=True,
             ready=True,
-            response_time_seconds=models_reply.seconds,
+            response_time_seconds=seconds,
             models=tuple(models[: self.config.max_models]),
-            failures=tuple(findings.failures),
         )

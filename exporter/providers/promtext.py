@@ -1,7 +1,7 @@
 """A small reader of the Prometheus text format, for providers that expose /metrics.
 
-Only samples whose names start with the wanted prefixes are parsed, which keeps a
-50 kB vLLM page cheap to read; everything else is skipped without a regex.
+Only the series an adapter asks for are parsed, which keeps a 50 kB vLLM page
+cheap to read; every other line is skipped without a regex.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from ..errors import FailureClass, ProviderError
@@ -49,11 +49,18 @@ def _parse_labels(text: str, endpoint: str) -> dict[str, str]:
     return labels
 
 
-def parse_samples(text: str, prefixes: tuple[str, ...], endpoint: str = "/metrics") -> list[Sample]:
-    """Samples whose names start with one of prefixes; ProviderError if one is malformed."""
+def parse_samples(text: str, names: Collection[str], endpoint: str = "/metrics") -> list[Sample]:
+    """The samples of the named series; ProviderError if one of those lines is malformed.
+
+    Lines of other series are skipped unread, so a provider's odd line that nobody
+    asked for does not cost the whole page.
+    """
     samples = []
     for line in text.splitlines():
-        if not line.startswith(prefixes):
+        if not line or line[0] == "#":
+            continue
+        end = _name_end(line)
+        if line[:end] not in names:
             continue
         match = _SAMPLE_RE.match(line)
         if match is None:
@@ -69,6 +76,17 @@ def parse_samples(text: str, prefixes: tuple[str, ...], endpoint: str = "/metric
         labels = _parse_labels(match.group(2), endpoint) if match.group(2) else {}
         samples.append(Sample(match.group(1), labels, value))
     return samples
+
+
+def _name_end(line: str) -> int:
+    brace, space = line.find("{"), line.find(" ")
+    candidates = [i for i in (brace, space) if i >= 0]
+    return min(candidates) if candidates else len(line)
+
+
+def histogram_names(name: str) -> tuple[str, str]:
+    """The sample names a histogram's buckets and sum are read from."""
+    return f"{name}_bucket", f"{name}_sum"
 
 
 def sum_by(samples: Iterable[Sample], name: str, label: str) -> dict[str, float]:
@@ -95,7 +113,7 @@ def histograms_by(samples: Iterable[Sample], name: str, label: str) -> dict[str,
     """A histogram's buckets and sum, merged per value of one label."""
     buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     sums: dict[str, float] = defaultdict(float)
-    bucket_name, sum_name = f"{name}_bucket", f"{name}_sum"
+    bucket_name, sum_name = histogram_names(name)
     for sample in samples:
         if sample.name == bucket_name:
             try:

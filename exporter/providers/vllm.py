@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from .base import EngineSnapshot, Findings, ModelSnapshot, ProviderSnapshot, expect, number, text
-from .promtext import histograms_by, parse_samples, sum_by, sum_by_two
+from .promtext import histogram_names, histograms_by, parse_samples, sum_by, sum_by_two
 
 if TYPE_CHECKING:
     from ..client import ProviderClient, Reply
@@ -41,6 +41,23 @@ _HISTOGRAMS = {
     ),
     "queue_duration": ("vllm:request_queue_time_seconds",),
 }
+FINISHED = "vllm:request_success_total"
+_WANTED = frozenset(
+    [
+        *(name for names in _GAUGES.values() for name in names),
+        *(
+            part
+            for names in _HISTOGRAMS.values()
+            for name in names
+            for part in histogram_names(name)
+        ),
+        FINISHED,
+    ]
+)
+
+
+def _seconds(reply: Reply) -> float:
+    return reply.seconds
 
 
 def _models(reply: Reply) -> list[ModelSnapshot]:
@@ -63,7 +80,7 @@ def _version(reply: Reply) -> str:
 
 
 def _engines(reply: Reply) -> list[EngineSnapshot]:
-    samples = parse_samples(reply.text(), ("vllm:",), reply.endpoint)
+    samples = parse_samples(reply.text(), _WANTED, reply.endpoint)
     fields: dict[str, dict[str, object]] = {}
     for field_name, names in _GAUGES.items():
         for name in names:
@@ -79,7 +96,7 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
                 fields.setdefault(model, {})[field_name] = histogram
             if histograms:
                 break
-    reasons = sum_by_two(samples, "vllm:request_success_total", MODEL, "finished_reason")
+    reasons = sum_by_two(samples, FINISHED, MODEL, "finished_reason")
     for model, by_reason in reasons.items():
         fields.setdefault(model, {})["finished_requests"] = by_reason
     return [
@@ -100,21 +117,19 @@ class VllmProvider:
     async def snapshot(self) -> ProviderSnapshot:
         """Read health first; the rest concurrently once the server answers."""
         findings = Findings()
-        (health,) = await self.client.get_all("/health")
-        if findings.reply(health) is None or isinstance(health, Exception):
-            return ProviderSnapshot(up=False, failures=tuple(findings.failures))
-        models_r, version_r, metrics_r = await self.client.get_all(
-            "/v1/models", "/version", "/metrics"
+        (seconds,) = await findings.gather(self.client.fetch("/health", _seconds))
+        if seconds is None:
+            return findings.snapshot(up=False)
+        models, version, engines = await findings.gather(
+            self.client.fetch("/v1/models", _models),
+            self.client.fetch("/version", _version, optional=True),
+            self.client.fetch("/metrics", _engines),
         )
-        models = findings.parse(findings.reply(models_r), _models) or []
-        version = findings.parse(findings.reply(version_r, optional=True), _version)
-        engines = findings.parse(findings.reply(metrics_r), _engines) or []
-        return ProviderSnapshot(
+        return findings.snapshot(
             up=True,
             ready=True,
             version=version or "",
-            response_time_seconds=health.seconds,
-            models=tuple(models[: self.config.max_models]),
-            engines=tuple(engines[: self.config.max_models]),
-            failures=tuple(findings.failures),
+            response_time_seconds=seconds,
+            models=tuple((models or [])[: self.config.max_models]),
+            engines=tuple((engines or [])[: self.config.max_models]),
         )

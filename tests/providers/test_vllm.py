@@ -1,0 +1,112 @@
+"""The vllm adapter against recorded vLLM /metrics pages (the live server: test_vllm_live.py)."""
+
+from __future__ import annotations
+
+import math
+
+from exporter.providers.promtext import histograms_by, parse_samples
+from tests.helpers import config_of, provider_yaml, running
+from tests.standins import StandIn, fixture, vllm_routes
+
+
+def truth(name: str, text: str) -> float:
+    """The sum of one vLLM series over its engines, read straight from the recorded page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_busy_server_maps_onto_normalized_series() -> None:
+    page = fixture("vllm_metrics_busy.txt")
+    async with StandIn(vllm_routes()) as server:
+        async with running(config_of(provider_yaml("vllm", "vllm", server.url))) as exporter:
+            scrape = await exporter.scrape()
+    labels = {"provider": "vllm", "model": "tiny"}
+    assert scrape.value("llm_provider_info", provider="vllm", version="0.32.0") == 1
+    assert scrape.value("llm_model_loaded", **labels) == 1
+    assert scrape.value("llm_model_context_tokens", **labels) == 256
+    assert (
+        scrape.value("llm_requests_running", **labels)
+        == truth("vllm:num_requests_running", page)
+        == 4
+    )
+    assert (
+        scrape.value("llm_requests_waiting", **labels)
+        == truth("vllm:num_requests_waiting", page)
+        == 4
+    )
+    assert scrape.value("llm_kv_cache_usage_ratio", **labels) == truth(
+        "vllm:kv_cache_usage_perc", page
+    )
+    assert scrape.value("llm_tokens_total", type="input", **labels) == truth(
+        "vllm:prompt_tokens_total", page
+    )
+    assert scrape.value("llm_tokens_total", type="output", **labels) == truth(
+        "vllm:generation_tokens_total", page
+    )
+    assert scrape.value("llm_exporter_scrape_success", provider="vllm") == 1
+
+
+async def test_histograms_keep_vllms_buckets() -> None:
+    page = fixture("vllm_metrics_after.txt")
+    async with StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as server:
+        async with running(config_of(provider_yaml("vllm", "vllm", server.url))) as exporter:
+            scrape = await exporter.scrape()
+    pairs = {
+        "llm_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+        "llm_request_duration_seconds": "vllm:e2e_request_latency_seconds",
+        "llm_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+        "llm_request_queue_duration_seconds": "vllm:request_queue_time_seconds",
+    }
+    for ours, theirs in pairs.items():
+        buckets = {
+            float(labels["le"]): value
+            for labels, value in scrape.all(f"{ours}_bucket", model="tiny")
+        }
+        bounds = [b for b in buckets if not math.isinf(b)]
+        assert bounds, ours
+        for bound in bounds:
+            line = f'{theirs}_bucket{{engine="0",le="{bound}",model_name="tiny"}}'
+            assert line in page, line
+            assert buckets[bound] == float(page.split(line, 1)[1].split()[0])
+        assert scrape.value(f"{ours}_count", model="tiny") == truth(f"{theirs}_count", page)
+        assert scrape.value(f"{ours}_sum", model="tiny") == truth(f"{theirs}_sum", page)
+    finished = {l["reason"]: v for l, v in scrape.all("llm_requests_finished_total", model="tiny")}
+    assert finished["length"] == truth(
+        'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny"}', page
+    )
+
+
+async def test_older_names_still_map() -> None:
+    """vllm:gpu_cache_usage_perc (before vLLM 0.10) feeds the same KV-cache series."""
+    async with StandIn(vllm_routes(metrics="vllm_metrics_older.txt")) as server:
+        async with running(config_of(provider_yaml("old", "vllm", server.url))) as exporter:
+            scrape = await exporter.scrape()
+    qwen = {"provider": "old", "model": "Qwen/Qwen2.5-Coder-32B-Instruct"}
+    assert scrape.value("llm_kv_cache_usage_ratio", **qwen) == 0.0
+    assert scrape.value("llm_requests_running", **qwen) == 0.0
+    llama = {"provider": "old", "model": "meta-llama/Llama-3.1-8B-Instruct"}
+    assert scrape.value("llm_requests_running", **llama) == 8.0
+    assert scrape.value("llm_tokens_total", type="output", **llama) == 27453.0
+
+
+def test_engines_are_summed_per_model() -> None:
+    page = "\n".join(
+        [
+            'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 1.0',
+            'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0',
+            'vllm:time_to_first_token_seconds_bucket{engine="1",le="0.1",model_name="m"} 3.0',
+            'vllm:time_to_first_token_seconds_bucket{engine="1",le="+Inf",model_name="m"} 5.0',
+            'vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.5',
+            'vllm:time_to_first_token_seconds_sum{engine="1",model_name="m"} 1.5',
+        ]
+    )
+    names = ("vllm:time_to_first_token_seconds_bucket", "vllm:time_to_first_token_seconds_sum")
+    merged = histograms_by(
+        parse_samples(page, names), "vllm:time_to_first_token_seconds", "model_name"
+    )
+    assert merged["m"].buckets == ((0.1, 4.0), (math.inf, 7.0))
+    assert merged["m"].sum == 2.0
+    assert merged["m"].count == 7.0

@@ -1,0 +1,826 @@
+"""Tests of the configuration file: every mistake's message, the defaults, the example, the docs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import certifi
+import pytest
+import yaml
+
+from exporter.cli import build_parser
+from exporter.config import (
+    Config,
+    GlobalConfig,
+    HealthConfig,
+    HostConfig,
+    ProcessMatch,
+    ProviderConfig,
+    Threshold,
+    TLSConfig,
+    load_config,
+    parse_config,
+    parse_duration,
+)
+from exporter.errors import ConfigError
+from exporter.providers import KINDS
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "llm-exporter.example.yml"
+DOCS = REPO / "docs" / "configuration.md"
+UNSET = "LLM_EXPORTER_TEST_UNSET_VARIABLE"
+
+
+def yml(*lines: str) -> str:
+    """A YAML file from its lines, so that line N of the file is argument N."""
+    return "\n".join(lines) + "\n"
+
+
+def provider(*extra: str, kind: str = "ollama", url: str = "http://localhost:11434") -> str:
+    """One valid provider (lines 1-4) followed by extra lines of the same provider (5 on)."""
+    return yml("providers:", "  - name: local", f"    kind: {kind}", f"    url: {url}", *extra)
+
+
+# (id, file text, the whole message). FILE is the file's path, DIR the directory it is in,
+# which also holds empty.key (an empty file) and key (a secret).
+INVALID = [
+    (
+        "unknown top-level key",
+        provider() + "scrape_timeout: 10s\n",
+        "FILE:5: scrape_timeout: unknown key (known keys: global, health, host, providers)",
+    ),
+    (
+        "unknown provider key (typo)",
+        provider("    timout: 5s"),
+        "FILE:5: providers[0].timout: unknown key (known keys: api_key, api_key_file, headers,"
+        " kind, max_models, name, process, timeout, tls_config, url)",
+    ),
+    (
+        "timeout not a duration",
+        provider("    timeout: fast"),
+        'FILE:5: providers[0].timeout: expected a duration like 5s, got "fast"',
+    ),
+    (
+        "timeout a bare number",
+        provider("    timeout: 5"),
+        "FILE:5: providers[0].timeout: expected a duration like 5s, got 5 (add a unit, as in 5s)",
+    ),
+    (
+        "timeout zero",
+        provider("    timeout: 0s"),
+        'FILE:5: providers[0].timeout: expected a duration like 5s, got "0s" (must be above zero)',
+    ),
+    (
+        "timeout with a space",
+        provider("    timeout: 5 s"),
+        'FILE:5: providers[0].timeout: expected a duration like 5s, got "5 s"',
+    ),
+    (
+        "missing name",
+        yml("providers:", "  - kind: ollama", "    url: http://localhost:11434"),
+        "FILE:2: providers[0].name: is required",
+    ),
+    (
+        "missing kind",
+        yml("providers:", "  - name: local", "    url: http://localhost:11434"),
+        "FILE:2: providers[0].kind: is required",
+    ),
+    (
+        "missing url",
+        yml("providers:", "  - name: local", "    kind: ollama"),
+        "FILE:2: providers[0].url: is required",
+    ),
+    (
+        "url set to nothing",
+        yml("providers:", "  - name: local", "    kind: ollama", "    url:"),
+        "FILE:2: providers[0].url: is required",
+    ),
+    (
+        "unknown kind",
+        provider(kind="llama-cpp"),
+        'FILE:3: providers[0].kind: unknown kind "llama-cpp", expected one of llamacpp, ollama,'
+        " openai, vllm",
+    ),
+    (
+        "duplicate provider name",
+        provider() + yml("  - kind: vllm", "    name: local", "    url: http://localhost:8000"),
+        'FILE:6: providers[1].name: "local" is already used by providers[0]',
+    ),
+    (
+        "invalid name characters",
+        yml("providers:", "  - name: my llama", "    kind: ollama", "    url: http://h:11434"),
+        'FILE:2: providers[0].name: "my llama" is not a valid name: 1-63 letters, digits, "_",'
+        ' ".", ":" or "-", starting with a letter or digit',
+    ),
+    (
+        "name starting with a dash",
+        yml("providers:", "  - name: -llama", "    kind: ollama", "    url: http://h:11434"),
+        'FILE:2: providers[0].name: "-llama" is not a valid name: 1-63 letters, digits, "_",'
+        ' ".", ":" or "-", starting with a letter or digit',
+    ),
+    (
+        "name not a string",
+        yml("providers:", "  - name: 123", "    kind: ollama", "    url: http://h:11434"),
+        "FILE:2: providers[0].name: expected a string, got 123",
+    ),
+    (
+        "url without scheme",
+        provider(url="localhost:11434"),
+        'FILE:4: providers[0].url: expected an http:// or https:// URL with a host, got "localhost:11434"',
+    ),
+    (
+        "url with another scheme",
+        provider(url="ftp://localhost:11434"),
+        'FILE:4: providers[0].url: expected an http:// or https:// URL with a host, got "ftp://localhost:11434"',
+    ),
+    (
+        "url with credentials, not repeated",
+        provider(url="http://admin:hunter2@localhost:11434"),
+        "FILE:4: providers[0].url: credentials in the URL are not allowed: use api_key or headers",
+    ),
+    (
+        "url with query, not repeated",
+        provider(url="http://localhost:11434/?token=hunter2"),
+        "FILE:4: providers[0].url: expected a URL without query or fragment",
+    ),
+    (
+        "url with port out of range",
+        provider(url="http://localhost:99999"),
+        "FILE:4: providers[0].url: not a valid URL: Port out of range 0-65535,"
+        ' got "http://localhost:99999"',
+    ),
+    (
+        "url with a broken IPv6 host",
+        provider(url="http://[::1:8080"),
+        'FILE:4: providers[0].url: not a valid URL: Invalid IPv6 URL, got "http://[::1:8080"',
+    ),
+    (
+        "api_key and api_key_file both",
+        provider("    api_key: sk-1", "    api_key_file: DIR/key"),
+        "FILE:6: providers[0].api_key_file: set api_key or api_key_file, not both",
+    ),
+    (
+        "api_key_file missing",
+        provider("    api_key_file: DIR/missing.key"),
+        "FILE:5: providers[0].api_key_file: cannot read DIR/missing.key: No such file or directory",
+    ),
+    (
+        "api_key_file a directory",
+        provider("    api_key_file: DIR"),
+        "FILE:5: providers[0].api_key_file: cannot read DIR: Is a directory",
+    ),
+    (
+        "api_key_file empty",
+        provider("    api_key_file: DIR/empty.key"),
+        "FILE:5: providers[0].api_key_file: DIR/empty.key is empty",
+    ),
+    (
+        "api_key a number, not repeated",
+        provider("    api_key: 123456789"),
+        "FILE:5: providers[0].api_key: expected a string: put the key in quotes",
+    ),
+    (
+        "unset environment variable",
+        provider("    api_key: ${" + UNSET + "}"),
+        f"FILE:5: providers[0].api_key: environment variable {UNSET} is not set",
+    ),
+    (
+        "headers not a mapping",
+        provider("    headers:", "      - X-Scope-OrgID: team-a"),
+        "FILE:6: providers[0].headers: expected a mapping, got a list",
+    ),
+    (
+        "invalid header name",
+        provider("    headers:", "      X-Scope-OrgID: team-a", "      X Team: a"),
+        "FILE:7: providers[0].headers.X Team: not a valid HTTP header name",
+    ),
+    (
+        "header value with a line break",
+        provider("    headers:", "      Authorization: |", "        Bearer sk-1"),
+        "FILE:6: providers[0].headers.Authorization: a header value must not contain line breaks"
+        " or NUL",
+    ),
+    (
+        "tls_config.ca_file missing",
+        provider(
+            "    tls_config:", "      insecure_skip_verify: false", "      ca_file: DIR/ca.pem"
+        ),
+        "FILE:7: providers[0].tls_config.ca_file: DIR/ca.pem is not a readable file",
+    ),
+    (
+        "tls_config.insecure_skip_verify not a boolean",
+        provider("    tls_config:", "      insecure_skip_verify: sometimes"),
+        'FILE:6: providers[0].tls_config.insecure_skip_verify: expected true or false, got "sometimes"',
+    ),
+    (
+        "process with no keys",
+        provider("    process: {}"),
+        "FILE:5: providers[0].process: set one of pid_file, name or port",
+    ),
+    (
+        "process.port out of range",
+        provider("    process:", "      port: 70000"),
+        "FILE:6: providers[0].process.port: expected a port number 1-65535, got 70000",
+    ),
+    (
+        "max_models zero",
+        provider("    max_models: 0"),
+        "FILE:5: providers[0].max_models: expected a positive integer, got 0",
+    ),
+    (
+        "threshold degraded above unhealthy",
+        provider() + yml("health:", "  response_time:", "    degraded: 15s"),
+        "FILE:7: health.response_time: degraded (15s) must not be above unhealthy (10s)",
+    ),
+    (
+        "ratio degraded above unhealthy",
+        provider() + yml("health:", "  memory_ratio:", "    degraded: 0.99", "    unhealthy: 0.95"),
+        "FILE:7: health.memory_ratio: degraded (0.99) must not be above unhealthy (0.95)",
+    ),
+    (
+        "ratio above 1",
+        provider() + yml("health:", "  disk_ratio:", "    unhealthy: 95"),
+        "FILE:7: health.disk_ratio.unhealthy: expected a ratio between 0 and 1, got 95",
+    ),
+    (
+        "health.max_age not a duration",
+        provider() + yml("health:", "  max_age: soon"),
+        'FILE:6: health.max_age: expected a duration like 5s, got "soon"',
+    ),
+    (
+        "host.mounts not a list",
+        provider() + yml("host:", "  mounts: /"),
+        'FILE:6: host.mounts: expected a list, got "/"',
+    ),
+    (
+        "host.mounts item not a string",
+        provider() + yml("host:", "  mounts:", "    - /", "    - {path: /data}"),
+        "FILE:8: host.mounts[1]: expected a string, got a mapping",
+    ),
+    (
+        "host.enabled not a boolean",
+        provider() + yml("host:", "  enabled: 1"),
+        "FILE:6: host.enabled: expected true or false, got 1",
+    ),
+    (
+        "global.scrape_timeout not a duration",
+        provider() + yml("global:", "  scrape_timeout: 10"),
+        "FILE:6: global.scrape_timeout: expected a duration like 5s, got 10 (add a unit, as in 10s)",
+    ),
+    (
+        "providers not a list",
+        yml("providers:", "  name: local", "  kind: ollama", "  url: http://localhost:11434"),
+        "FILE:2: providers: expected a list, got a mapping",
+    ),
+    (
+        "provider not a mapping",
+        yml("providers:", "  - http://localhost:11434"),
+        'FILE:2: providers[0]: expected a mapping, got "http://localhost:11434"',
+    ),
+    (
+        "nothing to do",
+        yml("providers: []", "host:", "  enabled: false"),
+        "FILE:1: providers: nothing to do: configure a provider or enable host",
+    ),
+    (
+        "invalid YAML: indentation",
+        yml("providers:", "  - name: local", "   kind: ollama"),
+        "FILE:3: invalid YAML: the indentation does not match the lines above",
+    ),
+    (
+        "invalid YAML: unquoted colon",
+        provider("    timeout: 5s: 10s"),
+        'FILE:5: invalid YAML: mapping values are not allowed here (quote a value that contains ": ")',
+    ),
+    (
+        "invalid YAML: tab",
+        provider("\ttimeout: 5s"),
+        "FILE:5: invalid YAML: a tab cannot indent YAML: use spaces",
+    ),
+    (
+        "invalid YAML: unclosed quote",
+        provider('    api_key: "sk-1'),
+        "FILE:6: invalid YAML: found unexpected end of stream, while scanning a quoted scalar"
+        " started on line 5",
+    ),
+    (
+        "invalid YAML: two documents",
+        provider() + "---\n" + provider(),
+        "FILE:5: invalid YAML: expected a single document in the stream, but found another document",
+    ),
+    (
+        "duplicate key",
+        provider("    url: http://localhost:8080"),
+        "FILE:5: providers[0].url: duplicate key (first set on line 4)",
+    ),
+    (
+        "duplicate top-level key",
+        provider() + provider(),
+        "FILE:5: providers: duplicate key (first set on line 1)",
+    ),
+    (
+        "YAML merge key",
+        yml(
+            "defaults: &defaults",
+            "  kind: ollama",
+            "providers:",
+            "  - <<: *defaults",
+            "    name: local",
+            "    url: http://localhost:11434",
+        ),
+        "FILE:4: providers[0]: YAML merge keys (<<) are not supported",
+    ),
+    (
+        "unsupported YAML tag",
+        provider("    timeout: !!python/name:os.system"),
+        "FILE:5: providers[0].timeout: unsupported YAML tag !!python/name:os.system",
+    ),
+    (
+        "value the YAML tag cannot read",
+        provider("    max_models: !!int many"),
+        'FILE:5: providers[0].max_models: cannot read "many" as !!int: invalid literal for int()'
+        " with base 10: 'many'",
+    ),
+    ("empty file", "", "FILE: the file is empty: configure at least one provider"),
+    (
+        "comments only",
+        "# providers:\n#   - name: local\n",
+        "FILE: the file is empty: configure at least one provider",
+    ),
+    ("not a mapping", yml("- ollama"), "FILE:1: expected a mapping, got a list"),
+]
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    """A directory with the files the configurations refer to."""
+    (tmp_path / "empty.key").write_text("")
+    (tmp_path / "key").write_text("sk-from-file\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("text", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_config_message(
+    text: str, message: str, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(UNSET, raising=False)
+    file = config_dir / "llm-exporter.yml"
+    file.write_text(text.replace("DIR", str(config_dir)), encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    expected = message.replace("FILE", str(file)).replace("DIR", str(config_dir))
+    assert str(caught.value) == f"config error: {expected}"
+    assert "hunter2" not in str(caught.value)
+    assert "sk-1" not in str(caught.value)
+    assert "123456789" not in str(caught.value)
+
+
+def test_invalid_ca_file(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    text = provider("    tls_config:", f"      ca_file: {ca}", url="https://llm.internal")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.yml")
+    prefix = f"config error: f.yml:6: providers[0].tls_config.ca_file: cannot load CA certificates from {ca}: "
+    assert str(caught.value).startswith(prefix)
+    assert "_ssl.c" not in str(caught.value)
+
+
+def test_error_carries_its_parts() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider("    timeout: fast"), "conf.yml")
+    assert (caught.value.file, caught.value.line, caught.value.path) == (
+        "conf.yml",
+        5,
+        "providers[0].timeout",
+    )
+    assert caught.value.reason == 'expected a duration like 5s, got "fast"'
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(missing)
+    assert str(caught.value) == (
+        f"config error: {missing}: cannot read the file: No such file or directory"
+    )
+
+
+def test_load_non_utf8_file(tmp_path: Path) -> None:
+    file = tmp_path / "latin1.yml"
+    file.write_bytes(provider("    headers:", "      X-Team: équipe").encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert str(caught.value) == f"config error: {file}: the file is not UTF-8 text"
+
+
+def test_non_utf8_api_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"\xffsk\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider(f"    api_key_file: {key}"), "f.yml")
+    assert str(caught.value) == (
+        f"config error: f.yml:5: providers[0].api_key_file: {key} is not UTF-8 text"
+    )
+
+
+# Valid configurations
+
+
+def test_defaults() -> None:
+    config = parse_config(provider(), "f.yml")
+    (p,) = config.providers
+    assert (p.name, p.kind, p.url) == ("local", "ollama", "http://localhost:11434")
+    assert p.api_key is None
+    assert p.timeout == 5.0
+    assert p.headers == {}
+    assert p.tls_config == TLSConfig(insecure_skip_verify=False, ca_file=None)
+    assert p.process is None
+    assert p.max_models == 100
+    assert config.host == HostConfig(enabled=True, mounts=("/",), gpu=True)
+    assert config.health == HealthConfig(
+        response_time=Threshold(degraded=2.0, unhealthy=10.0),
+        memory_ratio=Threshold(degraded=0.90, unhealthy=0.97),
+        disk_ratio=Threshold(degraded=0.90, unhealthy=0.97),
+        cpu_ratio=Threshold(degraded=0.95, unhealthy=None),
+        max_age=5.0,
+    )
+    assert config.global_ == GlobalConfig(scrape_timeout=10.0, scrape_timeout_margin=0.5)
+
+
+def test_host_only_config() -> None:
+    assert parse_config(yml("host:", "  gpu: false"), "f.yml") == Config(host=HostConfig(gpu=False))
+
+
+def test_null_means_default_and_empty_mounts_mean_none() -> None:
+    text = provider("    timeout:", "    process:") + yml(
+        "host:", "  mounts:", "health:", "  cpu_ratio:", "    unhealthy:"
+    )
+    config = parse_config(text, "f.yml")
+    assert config.providers[0].timeout == 5.0
+    assert config.providers[0].process is None
+    assert config.host.mounts == ("/",)
+    assert config.health.cpu_ratio == Threshold(degraded=0.95, unhealthy=None)
+    assert parse_config(provider() + yml("host:", "  mounts: []"), "f.yml").host.mounts == ()
+
+
+def test_one_threshold_key_keeps_the_other_default() -> None:
+    text = provider() + yml("health:", "  memory_ratio:", "    degraded: 0.5")
+    assert parse_config(text, "f.yml").health.memory_ratio == Threshold(0.5, 0.97)
+
+
+def test_everything_set() -> None:
+    ca = Path(certifi.where())
+    text = provider(
+        "    timeout: 1m30s",
+        "    max_models: 7",
+        "    headers:",
+        "      X-Scope-OrgID: team-a",
+        "    tls_config:",
+        "      insecure_skip_verify: true",
+        f"      ca_file: {ca}",
+        "    process:",
+        "      pid_file: /run/ollama.pid",
+        "      name: ollama",
+        "      port: 11434",
+        url="https://llm.internal:8443/",
+    ) + yml(
+        "host:",
+        "  enabled: true",
+        "  mounts: [/, /models]",
+        "  gpu: false",
+        "health:",
+        "  response_time: {degraded: 500ms, unhealthy: 1s}",
+        "  memory_ratio: {degraded: 0.5, unhealthy: 0.6}",
+        "  disk_ratio: {degraded: 0.7, unhealthy: 1}",
+        "  cpu_ratio: {degraded: 0.8, unhealthy: 0.9}",
+        "  max_age: 2s",
+        "global:",
+        "  scrape_timeout: 30s",
+        "  scrape_timeout_margin: 1s",
+    )
+    config = parse_config(text, "f.yml")
+    (p,) = config.providers
+    assert p.url == "https://llm.internal:8443"
+    assert p.timeout == 90.0
+    assert p.max_models == 7
+    assert p.headers == {"X-Scope-OrgID": "team-a"}
+    assert p.tls_config == TLSConfig(insecure_skip_verify=True, ca_file=ca)
+    assert p.process == ProcessMatch(pid_file=Path("/run/ollama.pid"), name="ollama", port=11434)
+    assert config.host == HostConfig(enabled=True, mounts=("/", "/models"), gpu=False)
+    assert config.health == HealthConfig(
+        Threshold(0.5, 1.0), Threshold(0.5, 0.6), Threshold(0.7, 1.0), Threshold(0.8, 0.9), 2.0
+    )
+    assert config.global_ == GlobalConfig(scrape_timeout=30.0, scrape_timeout_margin=1.0)
+
+
+def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_HOST", "gpu-box")
+    monkeypatch.setenv("LLM_KEY", "sk-env")
+    monkeypatch.setenv("LLM_EMPTY", "")
+    text = yml(
+        "providers:",
+        "  - name: ${LLM_HOST}",
+        "    kind: openai",
+        "    url: http://${LLM_HOST}:1234/v1",
+        "    api_key: ${LLM_KEY}",
+        "    headers:",
+        '      X-Price: "$$5 ${LLM_EMPTY}$$$$ $HOME ${not-a-name}"',
+        "host:",
+        '  mounts: ["/srv/${LLM_HOST}"]',
+    )
+    config = parse_config(text, "f.yml")
+    (p,) = config.providers
+    assert p.name == "gpu-box"
+    assert p.url == "http://gpu-box:1234/v1"
+    assert p.api_key == "sk-env"
+    assert p.headers == {"X-Price": "$5 $$ $HOME ${not-a-name}"}
+    assert config.host.mounts == ("/srv/gpu-box",)
+
+
+def test_env_value_is_not_expanded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_KEY", "sk-$${OTHER}")
+    config = parse_config(provider("    api_key: ${LLM_KEY}"), "f.yml")
+    assert config.providers[0].api_key == "sk-$${OTHER}"
+
+
+def test_api_key_file_is_read_and_stripped(tmp_path: Path) -> None:
+    key = tmp_path / "openai.key"
+    key.write_text("  sk-from-file\n\n")
+    config = parse_config(provider(f"    api_key_file: {key}", kind="openai"), "f.yml")
+    assert config.providers[0].api_key == "sk-from-file"
+
+
+def test_api_key_file_path_may_use_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "key").write_text("sk-x")
+    monkeypatch.setenv("SECRETS", str(tmp_path))
+    config = parse_config(provider("    api_key_file: ${SECRETS}/key"), "f.yml")
+    assert config.providers[0].api_key == "sk-x"
+
+
+def test_secrets_not_in_repr(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("sk-secret-from-file")
+    for extra in ("    api_key: sk-secret-inline", f"    api_key_file: {key}"):
+        text = provider(extra, "    headers:", "      Authorization: Bearer sk-secret-header")
+        config = parse_config(text, "f.yml")
+        assert config.providers[0].api_key is not None
+        assert "sk-secret" not in repr(config.providers[0])
+        assert "sk-secret" not in repr(config)
+        assert "sk-secret" not in str(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("1.5s", 1.5),
+        ("1m30s", 90.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1h1m1s", 3661.0),
+        ("1s500ms", 1.5),
+    ],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+    config = parse_config(provider(f"    timeout: {text}"), "f.yml")
+    assert config.providers[0].timeout == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "s", "5 s", "5S", "-5s", "5sec", "1m30", ".5s", "5s "])
+def test_malformed_durations(text: str) -> None:
+    assert parse_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "url", "stored"),
+    [
+        ("llamacpp", "http://localhost:8080/", "http://localhost:8080"),
+        ("ollama", "http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+        ("vllm", "http://[::1]:8000", "http://[::1]:8000"),
+        ("openai", "http://localhost:1234/v1/", "http://localhost:1234/v1"),
+        ("openai", "https://api.openai.com/v1", "https://api.openai.com/v1"),
+    ],
+)
+def test_urls(kind: str, url: str, stored: str) -> None:
+    config = parse_config(provider(kind=kind, url=url), "f.yml")
+    assert (config.providers[0].kind, config.providers[0].url) == (kind, stored)
+
+
+def test_several_providers_keep_their_order() -> None:
+    text = yml("providers:") + "".join(
+        yml(f"  - name: {kind}-1", f"    kind: {kind}", "    url: http://localhost:9")
+        for kind in KINDS
+    )
+    config = parse_config(text, "f.yml")
+    assert [p.name for p in config.providers] == [f"{kind}-1" for kind in KINDS]
+
+
+# The example file
+
+
+def test_example_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-example")
+    config = load_config(EXAMPLE)
+    assert {p.kind for p in config.providers} == set(KINDS)
+    by_kind = {p.kind: p for p in config.providers}
+    assert by_kind["openai"].api_key == "sk-example"
+    assert by_kind["openai"].url.endswith("/v1")
+    assert all(p.process is not None for p in config.providers if p.kind != "openai")
+    # The example says its host, health and global sections are the defaults.
+    assert config.host == HostConfig()
+    assert config.health == HealthConfig()
+    assert config.global_ == GlobalConfig()
+
+
+def test_example_names_the_missing_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    lines = EXAMPLE.read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if "api_key: ${OPENAI_API_KEY}" in text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(EXAMPLE)
+    assert str(caught.value) == (
+        f"config error: {EXAMPLE}:{line}: providers[3].api_key:"
+        " environment variable OPENAI_API_KEY is not set"
+    )
+
+
+# The documentation
+
+_TYPES: dict[str, Callable[[str], Any]] = {
+    "duration": parse_duration,
+    "ratio": float,
+    "integer": int,
+    "port": int,
+    "boolean": yaml.safe_load,
+    "list of strings": lambda text: tuple(yaml.safe_load(text)),
+    "mapping of strings": yaml.safe_load,
+}
+
+
+def _documented(section: str) -> dict[str, tuple[str, str]]:
+    """{key: (type, default)} from the table under the heading naming this section."""
+    text = DOCS.read_text()
+    heading = re.search(rf"^#+ `?{re.escape(section)}`?\n", text, re.M)
+    assert heading is not None, f"docs/configuration.md has no section {section}"
+    body = text[heading.end() :].split("\n#", 1)[0]
+    table = body.split("| Key | Type | Default | Meaning |\n", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \| ([^|]+?) \|", table, re.M)
+    return {key: (kind, default) for key, kind, default in rows}
+
+
+def _code_defaults() -> dict[str, dict[str, Any]]:
+    """The default of every documented key, from the dataclasses; None when not set."""
+    p = {f.name: f.default for f in fields(ProviderConfig) if f.name not in ("name", "kind", "url")}
+    p.update(headers={}, api_key_file=None, tls_config=..., process=None)
+    health: dict[str, Any] = {"max_age": HealthConfig().max_age}
+    for name in ("response_time", "memory_ratio", "disk_ratio", "cpu_ratio"):
+        threshold = getattr(HealthConfig(), name)
+        health[f"{name}.degraded"] = threshold.degraded
+        health[f"{name}.unhealthy"] = threshold.unhealthy
+    return {
+        "Top level": {"providers": (), "host": ..., "health": ..., "global": ...},
+        "global": {f.name: f.default for f in fields(GlobalConfig)},
+        "providers[]": p,
+        "providers[].tls_config": {f.name: f.default for f in fields(TLSConfig)},
+        "providers[].process": {f.name: f.default for f in fields(ProcessMatch)},
+        "host": {f.name: f.default for f in fields(HostConfig)},
+        "health": health,
+    }
+
+
+@pytest.mark.parametrize("section", list(_code_defaults()))
+def test_docs_give_every_key_and_its_default(section: str) -> None:
+    documented = _documented(section)
+    defaults = _code_defaults()[section]
+    required = {"name", "kind", "url"} if section == "providers[]" else set()
+    assert set(documented) == set(defaults) | required
+    for key, (kind, cell) in documented.items():
+        if key in required:
+            assert cell == "required", key
+        elif defaults[key] is ...:  # a section of its own, documented in its table
+            assert cell.startswith("see "), key
+        elif defaults[key] is None:
+            assert cell == "not set", key
+        elif kind == "list of mappings":
+            assert cell == "`[]`" and defaults[key] == (), key
+        else:
+            assert _TYPES[kind](cell.strip("`")) == defaults[key], key
+
+
+def _known_keys(text: str) -> set[str]:
+    """The keys the parser accepts at the place of the key `bogus` in text."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.yml")
+    match = re.search(r"unknown key \(known keys: (.*)\)$", str(caught.value))
+    assert match is not None, str(caught.value)
+    return set(match.group(1).split(", "))
+
+
+def test_docs_list_exactly_the_keys_the_parser_knows() -> None:
+    bogus = "bogus: 1"
+    assert _known_keys(provider() + bogus) == set(_documented("Top level"))
+    assert _known_keys(provider() + f"global: {{{bogus}}}") == set(_documented("global"))
+    assert _known_keys(provider("    " + bogus)) == set(_documented("providers[]"))
+    assert _known_keys(provider(f"    tls_config: {{{bogus}}}")) == set(
+        _documented("providers[].tls_config")
+    )
+    assert _known_keys(provider(f"    process: {{name: x, {bogus}}}")) == set(
+        _documented("providers[].process")
+    )
+    assert _known_keys(provider() + f"host: {{{bogus}}}") == set(_documented("host"))
+    health = {key.split(".")[0] for key in _documented("health")}
+    assert _known_keys(provider() + f"health: {{{bogus}}}") == health
+    assert _known_keys(provider() + f"health: {{cpu_ratio: {{{bogus}}}}}") == {
+        "degraded",
+        "unhealthy",
+    }
+
+
+def test_docs_list_every_flag() -> None:
+    text = DOCS.read_text()
+    flags = _documented_flags(text)
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            assert option in flags, option
+        if isinstance(action.default, str) and action.default != argparse.SUPPRESS:
+            assert f"| `{action.option_strings[0]}` | `{action.default}` |" in text
+
+
+def _documented_flags(text: str) -> set[str]:
+    body = text.split("## Command-line flags", 1)[1]
+    return set(re.findall(r"`(--?[\w.-]+)`", body))
+
+
+# The command line
+
+
+def _check(file: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m exporter --config.check` from the repository root."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", UNSET)}
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.check", "--config.file", str(file)],
+        cwd=REPO,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_check_valid(tmp_path: Path) -> None:
+    file = tmp_path / "llm-exporter.yml"
+    file.write_text(provider())
+    result = _check(file)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"{file}: valid, 1 provider(s)\n",
+        "",
+    )
+
+
+def test_cli_check_example() -> None:
+    result = _check(EXAMPLE, OPENAI_API_KEY="sk-example")
+    assert (result.returncode, result.stdout) == (0, f"{EXAMPLE}: valid, 4 provider(s)\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (provider("    timeout: fast"), 'FILE:5: providers[0].timeout: expected a duration like 5s, got "fast"'),
+        (provider(url="http://[::1"), 'FILE:4: providers[0].url: not a valid URL: Invalid IPv6 URL, got "http://[::1"'),
+        (provider("    timeout: !secret x"), "FILE:5: providers[0].timeout: unsupported YAML tag !secret"),
+        (provider("    max_models: !!int lots"), 'FILE:5: providers[0].max_models: cannot read "lots" as !!int: invalid literal for int() with base 10: \'lots\''),
+        (provider("   timeout: 5s"), "FILE:5: invalid YAML: the indentation does not match the lines above"),
+        ("", "FILE: the file is empty: configure at least one provider"),
+    ],
+    ids=["bad duration", "bad URL", "unknown tag", "bad !!int", "bad YAML", "empty"],
+)  # fmt: skip
+def test_cli_check_invalid(text: str, message: str, tmp_path: Path) -> None:
+    file = tmp_path / "llm-exporter.yml"
+    file.write_text(text)
+    result = _check(file)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"config error: {message.replace('FILE', str(file))}\n"
+
+
+def test_cli_check_missing_file(tmp_path: Path) -> None:
+    file = tmp_path / "absent.yml"
+    result = _check(file)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"config error: {file}: cannot read the file: No such file or directory\n"
+    )
+    assert "Traceback" not in result.stderr
