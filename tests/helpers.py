@@ -25,13 +25,15 @@ class Scrape:
 
     def value(self, name: str, **labels: str) -> float | None:
         """The value of the one sample with this name and (at least) these labels; None if none."""
-        found = [v for n, l, v in self.samples if n == name and labels.items() <= l.items()]
+        found = [v for n, got, v in self.samples if n == name and labels.items() <= got.items()]
         assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
         return found[0] if found else None
 
     def all(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
         """Every sample with this name and these labels."""
-        return [(l, v) for n, l, v in self.samples if n == name and labels.items() <= l.items()]
+        return [
+            (got, v) for n, got, v in self.samples if n == name and labels.items() <= got.items()
+        ]
 
     def names(self) -> set[str]:
         """The sample names present."""

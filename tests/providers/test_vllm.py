@@ -73,7 +73,9 @@ async def test_histograms_keep_vllms_buckets() -> None:
             assert buckets[bound] == float(page.split(line, 1)[1].split()[0])
         assert scrape.value(f"{ours}_count", model="tiny") == truth(f"{theirs}_count", page)
         assert scrape.value(f"{ours}_sum", model="tiny") == truth(f"{theirs}_sum", page)
-    finished = {l["reason"]: v for l, v in scrape.all("llm_requests_finished_total", model="tiny")}
+    finished = {
+        labels["reason"]: v for labels, v in scrape.all("llm_requests_finished_total", model="tiny")
+    }
     assert finished["length"] == truth(
         'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny"}', page
     )
