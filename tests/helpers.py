@@ -23,13 +23,13 @@ class Scrape:
     text: str
     samples: list[tuple[str, dict[str, str], float]]
 
-    def value(self, name: str, **labels: str) -> float | None:
+    def value(self, name: str, /, **labels: str) -> float | None:
         """The value of the one sample with this name and (at least) these labels; None if none."""
         found = [v for n, got, v in self.samples if n == name and labels.items() <= got.items()]
         assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
         return found[0] if found else None
 
-    def all(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    def all(self, name: str, /, **labels: str) -> list[tuple[dict[str, str], float]]:
         """Every sample with this name and these labels."""
         return [
             (got, v) for n, got, v in self.samples if n == name and labels.items() <= got.items()
