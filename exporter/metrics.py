@@ -82,7 +82,7 @@ SPECS = {
         Spec("llm_request_queue_duration_seconds", "histogram", "Time the provider's requests waited in its queue.", PM),
         # The host.
         Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
-        Spec("llm_host_cpu_count", "gauge", "Logical CPUs of the host.", ()),
+        Spec("llm_host_cpus", "gauge", "Logical CPUs of the host.", ()),
         Spec("llm_host_memory_used_bytes", "gauge", "Host memory in use (total less available).", ()),
         Spec("llm_host_memory_available_bytes", "gauge", "Host memory available to new work without swapping.", ()),
         Spec("llm_host_memory_total_bytes", "gauge", "Host memory in total.", ()),
@@ -195,10 +195,8 @@ def _connections(out: _Families, stats: ConnectionStats) -> None:
     for (provider, endpoint), endpoint_stats in sorted(stats.endpoints.items()):
         for outcome, count in sorted(endpoint_stats.outcomes.items()):
             out.add("llm_provider_requests_total", [provider, endpoint, outcome], count)
-        if endpoint_stats.retries:
-            out.add(
-                "llm_provider_request_retries_total", [provider, endpoint], endpoint_stats.retries
-            )
+        retries = float(endpoint_stats.retries)
+        out.add("llm_provider_request_retries_total", [provider, endpoint], retries)
     for provider, durations in sorted(stats.durations.items()):
         cumulative = tuple(zip(bounds, accumulate(durations.bucket_counts), strict=True))
         out.histogram(
@@ -214,7 +212,7 @@ def _resources(out: _Families, collection: Collection) -> None:
     host = collection.resources.host
     if host is not None:
         out.add("llm_host_cpu_usage_ratio", [], host.cpu_usage_ratio)
-        out.add("llm_host_cpu_count", [], float(host.cpu_count))
+        out.add("llm_host_cpus", [], float(host.cpu_count))
         out.add("llm_host_memory_used_bytes", [], host.memory_used_bytes)
         out.add("llm_host_memory_available_bytes", [], host.memory_available_bytes)
         out.add("llm_host_memory_total_bytes", [], host.memory_total_bytes)

@@ -132,8 +132,9 @@ class StandInNvml:
 
     NVML_TEMPERATURE_GPU = 0
 
-    def __init__(self, provider_pid: int) -> None:
+    def __init__(self, provider_pid: int, power_milliwatts: int | None = 285_000) -> None:
         self.provider_pid = provider_pid
+        self.power_milliwatts = power_milliwatts
 
     def nvmlInit(self) -> None: ...
     def nvmlDeviceGetCount(self) -> int:
@@ -158,7 +159,9 @@ class StandInNvml:
         return 61
 
     def nvmlDeviceGetPowerUsage(self, handle: str) -> int:
-        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")  # some boards do not report power
+        if self.power_milliwatts is None:  # some boards do not report power
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return self.power_milliwatts
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[Any]:
         return [
@@ -173,7 +176,7 @@ async def test_gpu_series_and_the_provider_process_gpu_memory(ballast: Any) -> N
         f"  - name: local\n    kind: ollama\n    url: http://127.0.0.1:{free_port()}\n"
         f"    process:\n      pid_file: {pid_file}"
     )
-    async with running(config, nvml=StandInNvml(process.pid)) as exporter:
+    async with running(config, nvml=StandInNvml(process.pid, power_milliwatts=None)) as exporter:
         scrape = await exporter.scrape()
     assert scrape.value("llm_gpu_info", gpu="0", name="NVIDIA GeForce RTX 4090") == 1
     assert scrape.value("llm_gpu_memory_used_bytes", gpu="0") == 6 * 1024**3

@@ -1,0 +1,85 @@
+"""docs/metrics.md lists exactly what a real scrape serves, and promtool accepts the scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llamacpp_server import LlamaCppServer
+from tests.helpers import config_of, provider_yaml, running
+from tests.standins import StandIn, ollama_routes, openai_routes, vllm_routes
+from tests.test_host import StandInNvml
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+ROW = re.compile(r"^\| `([a-z_:]+)` \| (\w+) \| ([^|]*) \|")
+
+
+def documented() -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (type, label names) from the catalogue's tables."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            labels = frozenset(re.findall(r"`(\w+)`", match.group(3)))
+            assert match.group(1) not in rows, f"{match.group(1)} is documented twice"
+            rows[match.group(1)] = (match.group(2), labels)
+    return rows
+
+
+def served(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (type, label names) from an exposition."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = frozenset(k for s in family.samples for k in s.labels if k != "le")
+        found[name] = (family.type, labels)
+    return found
+
+
+@pytest.fixture(scope="module")
+def full_scrape(llama_server: LlamaCppServer) -> str:
+    """One scrape that exercises every provider kind, a provider process and a GPU."""
+    return asyncio.run(scrape_everything(llama_server))
+
+
+async def scrape_everything(llama_server: LlamaCppServer) -> str:
+    """Scrape an exporter watching every provider kind, a provider process and a GPU."""
+    async with (
+        StandIn(ollama_routes()) as ollama,
+        StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as vllm,
+        StandIn(openai_routes()) as openai,
+    ):
+        config = config_of(
+            provider_yaml(
+                "llama", "llamacpp", llama_server.url, process=f"{{port: {llama_server.port}}}"
+            ),
+            provider_yaml("ollama", "ollama", ollama.url),
+            provider_yaml("vllm", "vllm", vllm.url),
+            provider_yaml("api", "openai", f"{openai.url}/v1"),
+        )
+        assert llama_server.pid is not None
+        async with running(config, nvml=StandInNvml(llama_server.pid)) as exporter:
+            return (await exporter.http.get("/metrics")).text
+
+
+def test_catalogue_equals_a_real_scrape(full_scrape: str) -> None:
+    docs, scrape = documented(), served(full_scrape)
+    assert sorted(set(scrape) - set(docs)) == [], "served but not documented"
+    assert sorted(set(docs) - set(scrape)) == [], "documented but not served"
+    for name, (kind, labels) in scrape.items():
+        assert docs[name] == (kind, labels), name
+
+
+def test_promtool_accepts_the_scrape(full_scrape: str) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make test` installs Debian's prometheus package"
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=full_scrape, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
