@@ -1,0 +1,119 @@
+"""The vllm adapter against a real vLLM server running on the CPU (about a minute to start)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import Scrape, config_of, parse, provider_yaml, running
+from vllm_server import VllmServer, ensure_vllm
+
+pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Iterator[VllmServer]:
+    """vLLM serving the tiny Llama as "tiny", with room for 4 running requests: more must wait."""
+    python, model_dir = ensure_vllm(ROOT)
+    server = VllmServer(
+        model_dir, venv=python.parent.parent, max_num_seqs=4, kv_cache_memory_bytes=2_097_152
+    )
+    with server:
+        yield server
+
+
+async def chat(client: httpx.AsyncClient, max_tokens: int) -> dict[str, int]:
+    """A chat completion that runs to max_tokens (the random model could otherwise stop early)."""
+    response = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        },
+    )
+    response.raise_for_status()
+    usage: dict[str, int] = response.json()["usage"]
+    return usage
+
+
+async def own(client: httpx.AsyncClient) -> Scrape:
+    """vLLM's own /metrics."""
+    return parse((await client.get("/metrics")).text)
+
+
+async def test_counters_and_histograms_equal_vllms_own(vllm: VllmServer) -> None:
+    config = config_of(provider_yaml("vllm", "vllm", vllm.url))
+    async with (
+        running(config) as exporter,
+        httpx.AsyncClient(base_url=vllm.url, timeout=60) as client,
+    ):
+        first = await exporter.scrape()
+        usages = [await chat(client, max_tokens=8) for _ in range(3)]
+        # vLLM updates its counters just after it answers: wait until they settle (bounded).
+        for _ in range(50):
+            truth = await own(client)
+            generated = truth.value("vllm:generation_tokens_total", model_name="tiny") or 0
+            if generated >= (first.value("llm_tokens_total", type="output") or 0) + 24:
+                break
+            await asyncio.sleep(0.1)
+        after = await exporter.scrape()
+        truth_after = await own(client)
+    tiny = {"provider": "vllm", "model": "tiny"}
+    assert first.value("llm_provider_up", provider="vllm", kind="vllm") == 1
+    assert first.value("llm_model_loaded", **tiny) == 1
+    assert first.value("llm_model_context_tokens", **tiny) == 256
+    assert (
+        (after.value("llm_tokens_total", type="output", **tiny) or 0)
+        - (first.value("llm_tokens_total", type="output", **tiny) or 0)
+        == sum(u["completion_tokens"] for u in usages)
+        == 24
+    )
+    assert after.value("llm_tokens_total", type="output", **tiny) == truth_after.value(
+        "vllm:generation_tokens_total", model_name="tiny"
+    )
+    assert after.value("llm_tokens_total", type="input", **tiny) == truth_after.value(
+        "vllm:prompt_tokens_total", model_name="tiny"
+    )
+    assert after.value("llm_time_to_first_token_seconds_count", **tiny) == truth_after.value(
+        "vllm:time_to_first_token_seconds_count", model_name="tiny"
+    )
+    assert after.value("llm_requests_finished_total", reason="length", **tiny) == truth_after.value(
+        "vllm:request_success_total", model_name="tiny", finished_reason="length"
+    )
+    assert after.value("llm_exporter_scrape_success", provider="vllm") == 1
+
+
+async def test_waiting_series_shows_the_queue(vllm: VllmServer) -> None:
+    """Eight long requests on a server that runs four at a time: four wait, and the exporter shows it."""
+    config = config_of(provider_yaml("vllm", "vllm", vllm.url))
+    async with (
+        running(config) as exporter,
+        httpx.AsyncClient(base_url=vllm.url, timeout=120) as client,
+    ):
+        requests = [asyncio.create_task(chat(client, max_tokens=200)) for _ in range(8)]
+        seen_waiting, seen_running, deadline = 0.0, 0.0, time.monotonic() + 60
+        try:
+            for _ in range(1000):
+                scrape = await exporter.scrape()
+                seen_waiting = max(
+                    seen_waiting, scrape.value("llm_requests_waiting", model="tiny") or 0
+                )
+                seen_running = max(
+                    seen_running, scrape.value("llm_requests_running", model="tiny") or 0
+                )
+                if seen_waiting >= 4 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            usages = await asyncio.gather(*requests)
+    assert all(u["completion_tokens"] == 200 for u in usages)
+    assert seen_running == 4
+    assert seen_waiting == 4
