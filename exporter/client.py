@@ -11,9 +11,10 @@ from bisect import bisect_left
 from collections.abc import Callable, Container
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
+import aiohttp
 
 from . import __version__
 from .errors import FailureClass, ProviderError
@@ -150,7 +151,7 @@ def status_failure(status: int) -> FailureClass:
     return FailureClass.INVALID_RESPONSE
 
 
-def _tls_verify(config: ProviderConfig) -> ssl.SSLContext | bool:
+def _ssl_context(config: ProviderConfig) -> ssl.SSLContext | bool:
     if config.tls_config.insecure_skip_verify:
         return False
     if config.tls_config.ca_file is not None:
@@ -166,7 +167,6 @@ class ProviderClient:
         config: ProviderConfig,
         stats: ConnectionStats,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
         max_body_bytes: int = MAX_BODY_BYTES,
@@ -176,22 +176,34 @@ class ProviderClient:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self.provider = config.name
         self.timeout = config.timeout
+        self._base_url = config.url
+        self._headers = headers
+        self._ssl = _ssl_context(config)
         self._secret = config.api_key
         self._stats = stats
         self._clock = clock
         self._wall_clock = wall_clock
         self._max_body = max_body_bytes
         self._unsupported: dict[str, float] = {}
-        self._http = httpx.AsyncClient(
-            base_url=config.url,
-            headers=headers,
-            timeout=httpx.Timeout(config.timeout),
-            verify=_tls_verify(config),
-            transport=transport,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY),
-            trust_env=False,
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Created on first use: a session belongs to the event loop that runs it.
+        if self._session is None:
+            tracing = aiohttp.TraceConfig()
+            tracing.on_connection_reuseconn.append(_count_connection)
+            tracing.on_connection_create_start.append(_count_connection)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=20, keepalive_timeout=KEEPALIVE_EXPIRY, ssl=self._ssl
+                ),
+                headers=self._headers,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout),
+                trace_configs=[tracing],
+                trust_env=False,
+            )
+        return self._session
 
     async def fetch(
         self,
@@ -219,7 +231,7 @@ class ProviderClient:
                 raise ProviderError(FailureClass.TIMEOUT, "no time left", endpoint=endpoint)
             try:
                 async with asyncio.timeout(budget):
-                    reply = await self._get_with_retry(endpoint)
+                    reply = await self._get(endpoint)
             except TimeoutError:
                 raise ProviderError(
                     FailureClass.TIMEOUT, f"no answer within {budget:.3g}s", endpoint=endpoint
@@ -242,47 +254,37 @@ class ProviderClient:
                 self.provider, endpoint, outcome, self._clock() - started, self._wall_clock()
             )
 
-    async def _get_with_retry(self, endpoint: str) -> Reply:
-        try:
-            return await self._get_once(endpoint)
-        except _BeforeResponse:
-            # The server closed a pooled keep-alive connection before answering
-            # (llama-server does after 100 requests): not a provider fault, so retry once.
-            self._stats.count_retry(self.provider, endpoint)
-            try:
-                return await self._get_once(endpoint)
-            except httpx.HTTPError as exc:
-                return self._raise(endpoint, exc)
-        except httpx.HTTPError as exc:
-            return self._raise(endpoint, exc)
-
-    async def _get_once(self, endpoint: str) -> Reply:
+    async def _get(self, endpoint: str) -> Reply:
         started = self._clock()
+        attempts = _Attempts()
         try:
-            request = self._http.build_request("GET", endpoint)
-            response = await self._http.send(request, stream=True)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise _BeforeResponse(str(exc)) from exc
-        try:
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self._max_body:
-                raise self._too_large(endpoint)
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_raw():
-                size += len(chunk)
-                if size > self._max_body:
+            async with self._open().get(
+                self._base_url + endpoint, allow_redirects=False, trace_request_ctx=attempts
+            ) as response:
+                if attempts.connections > 1:
+                    # The server closed a pooled keep-alive connection before answering
+                    # (llama-server does after 100 requests) and aiohttp asked again on a
+                    # fresh one: not a provider fault, but worth counting.
+                    self._stats.count_retry(self.provider, endpoint)
+                declared = response.content_length
+                if declared is not None and declared > self._max_body:
                     raise self._too_large(endpoint)
-                chunks.append(chunk)
-            return Reply(
-                endpoint=endpoint,
-                status=response.status_code,
-                body=b"".join(chunks),
-                content_type=response.headers.get("content-type", ""),
-                seconds=self._clock() - started,
-            )
-        finally:
-            await response.aclose()
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_any():
+                    size += len(chunk)
+                    if size > self._max_body:
+                        raise self._too_large(endpoint)
+                    chunks.append(chunk)
+                return Reply(
+                    endpoint=endpoint,
+                    status=response.status,
+                    body=b"".join(chunks),
+                    content_type=response.headers.get("Content-Type", ""),
+                    seconds=self._clock() - started,
+                )
+        except aiohttp.ClientError as exc:
+            raise self._classify(endpoint, exc) from None
 
     def _too_large(self, endpoint: str) -> ProviderError:
         return ProviderError(
@@ -291,17 +293,18 @@ class ProviderClient:
             endpoint=endpoint,
         )
 
-    def _raise(self, endpoint: str, exc: httpx.HTTPError) -> Reply:
-        cause = exc.__cause__ if isinstance(exc, _BeforeResponse) else exc
-        if isinstance(cause, httpx.TimeoutException):
+    def _classify(self, endpoint: str, exc: aiohttp.ClientError) -> ProviderError:
+        if isinstance(exc, aiohttp.ServerTimeoutError):
             failure, message = FailureClass.TIMEOUT, f"no answer within {self.timeout:g}s"
-        elif isinstance(cause, httpx.ConnectError | httpx.RemoteProtocolError | httpx.NetworkError):
-            failure, message = FailureClass.CONNECT, self._clean(str(cause)) or "connection failed"
-        elif isinstance(cause, httpx.DecodingError):
-            failure, message = FailureClass.INVALID_RESPONSE, "undecodable body"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            failure, message = FailureClass.CONNECT, exc.strerror or "connection failed"
+        elif isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+            failure, message = FailureClass.INVALID_RESPONSE, "malformed HTTP response"
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            failure, message = FailureClass.CONNECT, "server closed the connection"
         else:
-            failure, message = FailureClass.CONNECT, type(cause).__name__
-        raise ProviderError(failure, message, endpoint=endpoint) from None
+            failure, message = FailureClass.CONNECT, self._clean(str(exc)) or type(exc).__name__
+        return ProviderError(failure, message, endpoint=endpoint)
 
     def _clean(self, message: str) -> str:
         if self._secret:
@@ -310,7 +313,8 @@ class ProviderClient:
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def __aenter__(self) -> ProviderClient:
         return self
@@ -319,5 +323,16 @@ class ProviderClient:
         await self.aclose()
 
 
-class _BeforeResponse(httpx.TransportError):
-    """A connection failed before any byte of the response arrived."""
+class _Attempts:
+    """How many connections one request took (more than one: it was retried)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+
+async def _count_connection(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    attempts = context.trace_request_ctx
+    if isinstance(attempts, _Attempts):
+        attempts.connections += 1

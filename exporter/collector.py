@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import httpx
 import psutil
 
 from .client import DEADLINE, ConnectionStats, ProviderClient
@@ -68,7 +67,6 @@ class Collector:
         config: Config,
         *,
         stats: ConnectionStats | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         ps: ModuleType = psutil,
         nvml: Any = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -79,7 +77,7 @@ class Collector:
         self.clock = clock
         self.wall_clock = wall_clock
         self.clients = [
-            ProviderClient(p, self.stats, transport=transport, clock=clock, wall_clock=wall_clock)
+            ProviderClient(p, self.stats, clock=clock, wall_clock=wall_clock)
             for p in config.providers
         ]
         self.providers: list[Provider] = [

@@ -56,6 +56,6 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if level == "warn" else getattr(logging, level.upper()))
-    # aiohttp's access log would put every scrape in the log; httpx logs request URLs.
-    for noisy in ("aiohttp.access", "httpx", "httpcore"):
+    # aiohttp's access log would put every scrape in the log.
+    for noisy in ("aiohttp.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import httpx
 import psutil
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -44,7 +43,6 @@ class Exporter:
         config_path: str | Path | None = None,
         *,
         registry: CollectorRegistry | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         ps: ModuleType = psutil,
         nvml: Any = None,
         wall_clock: Callable[[], float] = time.time,
@@ -53,7 +51,7 @@ class Exporter:
         self.config_path = config_path
         self.stats = ConnectionStats()
         self.registry = registry if registry is not None else _default_registry()
-        self._collector_options: dict[str, Any] = {"transport": transport, "ps": ps, "nvml": nvml}
+        self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
         self.wall_clock = wall_clock
         self.collector = self._new_collector(config)
         self.last: Collection | None = None
