@@ -8,9 +8,10 @@ import math
 import ssl
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Container
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from itertools import accumulate
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +19,7 @@ import aiohttp
 
 from . import __version__
 from .errors import FailureClass, ProviderError
+from .providers.base import HistogramData
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # OpenTelemetry GenAI's operation-duration buckets: doubling from 10 ms to about 82 s.
@@ -39,16 +41,27 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class DurationStats:
-    """A histogram's bucket counts (not cumulative) and sum."""
+class Buckets:
+    """A histogram being filled: upper bounds, per-bucket counts (the last for +Inf) and sum."""
 
-    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    bounds: tuple[float, ...] = DURATION_BUCKETS
+    counts: list[int] = field(default_factory=list)
     total: float = 0.0
 
-    def observe(self, seconds: float) -> None:
-        """Count one duration."""
-        self.bucket_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.total += seconds
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def data(self) -> HistogramData:
+        """The cumulative form the renderer takes."""
+        counts = self.counts or [0] * (len(self.bounds) + 1)
+        bounds = (*self.bounds, math.inf)
+        return HistogramData(
+            tuple(zip(bounds, map(float, accumulate(counts)), strict=True)), self.total
+        )
 
 
 @dataclass
@@ -64,7 +77,7 @@ class ConnectionStats:
     """Counts of every request the exporter made to every provider, since start."""
 
     endpoints: dict[tuple[str, str], EndpointStats] = field(default_factory=dict)
-    durations: dict[str, DurationStats] = field(default_factory=dict)
+    durations: dict[str, Buckets] = field(default_factory=dict)
     last_request: dict[str, float] = field(default_factory=dict)
 
     def observe(
@@ -75,7 +88,7 @@ class ConnectionStats:
         if stats is None:
             stats = self.endpoints[(provider, endpoint)] = EndpointStats()
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
-        self.durations.setdefault(provider, DurationStats()).observe(seconds)
+        self.durations.setdefault(provider, Buckets()).observe(seconds)
         self.last_request[provider] = at
 
     def count_retry(self, provider: str, endpoint: str) -> None:
@@ -129,17 +142,50 @@ class Reply:
             ) from None
 
 
+def _shape_error(endpoint: str, exc: Exception) -> ProviderError:
+    return ProviderError(
+        FailureClass.INVALID_RESPONSE, f"unexpected shape ({type(exc).__name__})", endpoint=endpoint
+    )
+
+
 def _parse(reply: Reply, parse: Callable[[Reply], T]) -> T:
     try:
         return parse(reply)
-    except ProviderError:
-        raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        raise ProviderError(
-            FailureClass.INVALID_RESPONSE,
-            f"unexpected shape ({type(exc).__name__})",
-            endpoint=reply.endpoint,
-        ) from None
+        raise _shape_error(reply.endpoint, exc) from None
+
+
+class Stream:
+    """A streamed answer, read line by line with the time each line arrived."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        response: aiohttp.ClientResponse,
+        started: float,
+        clock: Callable[[], float],
+        max_bytes: int,
+    ) -> None:
+        self.endpoint = endpoint
+        self.started = started
+        self._response = response
+        self._clock = clock
+        self._max_bytes = max_bytes
+
+    async def lines(self) -> AsyncIterator[tuple[float, bytes]]:
+        """(arrival time on the client's clock, line without its end) for each non-empty line."""
+        size = 0
+        async for raw in self._response.content:
+            size += len(raw)
+            if size > self._max_bytes:
+                raise ProviderError(
+                    FailureClass.INVALID_RESPONSE,
+                    "streamed answer too large",
+                    endpoint=self.endpoint,
+                )
+            line = raw.strip()
+            if line:
+                yield self._clock(), line
 
 
 def status_failure(status: int) -> FailureClass:
@@ -186,6 +232,7 @@ class ProviderClient:
         self._max_body = max_body_bytes
         self._unsupported: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._stream_session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         # Created on first use: a session belongs to the event loop that runs it.
@@ -193,17 +240,38 @@ class ProviderClient:
             tracing = aiohttp.TraceConfig()
             tracing.on_connection_reuseconn.append(_count_connection)
             tracing.on_connection_create_start.append(_count_connection)
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=20, keepalive_timeout=KEEPALIVE_EXPIRY, ssl=self._ssl
-                ),
-                headers=self._headers,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout),
-                trace_configs=[tracing],
-                trust_env=False,
+            self._session = self._new_session(
+                aiohttp.TCPConnector(limit=20, keepalive_timeout=KEEPALIVE_EXPIRY, ssl=self._ssl),
+                aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout),
+                tracing,
             )
         return self._session
+
+    def _open_for_streams(self) -> aiohttp.ClientSession:
+        # A POST is not retried, so it never takes a pooled connection that the server
+        # may have closed meanwhile (llama-server does when its threads are busy); a new
+        # connection per probe costs little at probe rates.
+        if self._stream_session is None:
+            self._stream_session = self._new_session(
+                aiohttp.TCPConnector(limit=20, force_close=True, ssl=self._ssl),
+                aiohttp.ClientTimeout(sock_connect=self.timeout),
+            )
+        return self._stream_session
+
+    def _new_session(
+        self,
+        connector: aiohttp.TCPConnector,
+        timeout: aiohttp.ClientTimeout,
+        *tracing: aiohttp.TraceConfig,
+    ) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=timeout,
+            trace_configs=list(tracing),
+            trust_env=False,
+        )
 
     async def fetch(
         self,
@@ -219,31 +287,74 @@ class ProviderClient:
         endpoint the server does not offer (404, 501: llama-server without --slots or
         --metrics) gives None and is not asked for again for a while.
         """
-        now = self._clock()
-        if self._unsupported.get(endpoint, -math.inf) > now:
+        if self._unsupported.get(endpoint, -math.inf) > self._clock():
             return None
-        started = now
+
+        async def run() -> tuple[T | None, str]:
+            reply = await self._get(endpoint)
+            if reply.status not in statuses:
+                if optional and reply.status in (404, 501):
+                    self._unsupported[endpoint] = self._clock() + UNSUPPORTED_RECHECK_SECONDS
+                    return None, status_failure(reply.status).value
+                reply.ok()
+            return _parse(reply, parse), SUCCESS
+
+        return await self._accounted(endpoint, self.timeout, run)
+
+    async def stream(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        consume: Callable[[Stream], Awaitable[T]],
+        *,
+        timeout: float,
+    ) -> T:
+        """POST a JSON body and let consume read the streamed answer line by line.
+
+        The request is accounted like any other: a stall past timeout is a timeout,
+        and consume's complaints about the content are invalid_response.
+        """
+
+        async def run() -> tuple[T, str]:
+            started = self._clock()
+            try:
+                async with self._open_for_streams().post(
+                    self._base_url + endpoint, json=body, allow_redirects=False
+                ) as response:
+                    if response.status not in OK_STATUSES:
+                        raise ProviderError(
+                            status_failure(response.status),
+                            f"HTTP {response.status}",
+                            endpoint=endpoint,
+                        )
+                    stream = Stream(endpoint, response, started, self._clock, self._max_body)
+                    try:
+                        return await consume(stream), SUCCESS
+                    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                        raise _shape_error(endpoint, exc) from None
+            except aiohttp.ClientError as exc:
+                raise self._classify(endpoint, exc) from None
+
+        return await self._accounted(endpoint, timeout, run)
+
+    async def _accounted(
+        self, endpoint: str, timeout: float, run: Callable[[], Awaitable[tuple[T, str]]]
+    ) -> T:
+        """Run one request within its time budget and count it with its outcome."""
+        started = self._clock()
         outcome = FailureClass.TIMEOUT.value
         deadline = DEADLINE.get()
-        budget = self.timeout if deadline is None else min(self.timeout, deadline - started)
+        budget = timeout if deadline is None else min(timeout, deadline - started)
         try:
             if budget <= 0:
                 raise ProviderError(FailureClass.TIMEOUT, "no time left", endpoint=endpoint)
             try:
                 async with asyncio.timeout(budget):
-                    reply = await self._get(endpoint)
+                    value, outcome = await run()
             except TimeoutError:
                 raise ProviderError(
                     FailureClass.TIMEOUT, f"no answer within {budget:.3g}s", endpoint=endpoint
                 ) from None
-            if reply.status not in statuses:
-                outcome = status_failure(reply.status).value
-                if optional and reply.status in (404, 501):
-                    self._unsupported[endpoint] = self._clock() + UNSUPPORTED_RECHECK_SECONDS
-                    return None
-                reply.ok()
-            value = _parse(reply, parse)
-            outcome = SUCCESS
             return value
         except ProviderError as exc:
             outcome = exc.failure.value
@@ -313,8 +424,9 @@ class ProviderClient:
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._stream_session):
+            if session is not None:
+                await session.close()
 
     async def __aenter__(self) -> ProviderClient:
         return self

@@ -18,6 +18,7 @@ from .errors import FailureClass
 from .gpu import GpuReader, GpuSnapshot
 from .health import HealthReport, evaluate
 from .host import HostReader, HostSnapshot, ProcessFinder, ProcessSnapshot
+from .probes import ProbeStats
 from .providers import KINDS, Provider
 from .providers.base import Failure, ProviderSnapshot
 
@@ -67,6 +68,7 @@ class Collector:
         config: Config,
         *,
         stats: ConnectionStats | None = None,
+        probe_stats: ProbeStats | None = None,
         ps: ModuleType = psutil,
         nvml: Any = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -74,6 +76,7 @@ class Collector:
     ) -> None:
         self.config = config
         self.stats = stats if stats is not None else ConnectionStats()
+        self.probe_stats = probe_stats if probe_stats is not None else ProbeStats()
         self.clock = clock
         self.wall_clock = wall_clock
         self.clients = [
@@ -84,6 +87,9 @@ class Collector:
             KINDS[p.kind](p, client)
             for p, client in zip(config.providers, self.clients, strict=True)
         ]
+        self.by_name = {
+            p.name: provider for p, provider in zip(config.providers, self.providers, strict=True)
+        }
         self.host = HostReader(config.host, ps) if config.host.enabled else None
         self.gpu = GpuReader(nvml) if config.host.enabled and config.host.gpu else None
         self.finders = {
@@ -103,7 +109,7 @@ class Collector:
             )
             for r in collected
         )
-        health = evaluate(results, resources, self.config.health)
+        health = evaluate(results, resources, self.probe_stats.by_provider(), self.config.health)
         return Collection(results, resources, health, self.wall_clock())
 
     async def _collect_one(self, provider: Provider, budget: float) -> ProviderResult:

@@ -12,7 +12,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -46,6 +46,27 @@ class ProcessMatch:
 
 
 @dataclass(frozen=True)
+class ProbeModel:
+    """A model to probe; allow_load lets a probe load it when it is not loaded."""
+
+    name: str
+    allow_load: bool = False
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Synthetic requests to a provider's models, on a schedule."""
+
+    models: tuple[ProbeModel, ...] = ()  # empty: every loaded model, up to max_models
+    max_models: int = 3
+    interval: float = 60.0
+    jitter: float = 0.1
+    timeout: float = 30.0
+    prompt: str = "Say hello."
+    max_tokens: int = 16
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     """One provider instance to watch."""
 
@@ -58,6 +79,7 @@ class ProviderConfig:
     tls_config: TLSConfig = TLSConfig()
     process: ProcessMatch | None = None
     max_models: int = 100
+    probes: ProbeConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,8 @@ class HealthConfig:
     memory_ratio: Threshold = Threshold(degraded=0.90, unhealthy=0.97)
     disk_ratio: Threshold = Threshold(degraded=0.90, unhealthy=0.97)
     cpu_ratio: Threshold = Threshold(degraded=0.95, unhealthy=None)
+    probe_duration: Threshold = Threshold(degraded=10.0, unhealthy=30.0)
+    probe_failures: Threshold = Threshold(degraded=1, unhealthy=3)
     max_age: float = 5.0
 
 
@@ -94,6 +118,7 @@ class GlobalConfig:
 
     scrape_timeout: float = 10.0
     scrape_timeout_margin: float = 0.5
+    probe_concurrency: int = 2
 
 
 @dataclass(frozen=True)
@@ -432,15 +457,66 @@ def _parse_provider(node: yaml.Node, path: str, file: str) -> ProviderConfig:
         tls_config=_parse_tls(reader.mapping("tls_config")),
         process=_parse_process(reader.mapping("process")),
         max_models=reader.scalar("max_models", _positive_int, ProviderConfig.max_models),
+        probes=_parse_probes(reader.mapping("probes")),
     )
     reader.finish()
     return provider
 
 
-def _parse_threshold(reader: _Reader | None, default: Threshold, ratio: bool) -> Threshold:
+def _jitter(value: Any, path: str, node: yaml.Node) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise _fail(
+            path,
+            node,
+            f"expected a fraction of the interval from 0 to 0.99, got {_describe(value)}",
+        )
+    return float(value)
+
+
+def _probe_model(node: yaml.Node, path: str, file: str) -> ProbeModel:
+    if isinstance(node, yaml.ScalarNode):
+        return ProbeModel(name=_string_item(node, path))
+    reader = _Reader(node, path, file)
+    model = ProbeModel(
+        name=reader.required("name", _string),
+        allow_load=reader.scalar("allow_load", _bool, False),
+    )
+    reader.finish()
+    return model
+
+
+def _parse_probes(reader: _Reader | None) -> ProbeConfig | None:
+    if reader is None:
+        return None
+    default = ProbeConfig()
+    probes = ProbeConfig(
+        models=tuple(
+            _probe_model(node, path, reader.file) for node, path in reader.sequence("models")
+        ),
+        max_models=reader.scalar("max_models", _positive_int, default.max_models),
+        interval=reader.scalar("interval", _duration, default.interval),
+        jitter=reader.scalar("jitter", _jitter, default.jitter),
+        timeout=reader.scalar("timeout", _duration, None) or 0.0,
+        prompt=reader.scalar("prompt", _string, default.prompt),
+        max_tokens=reader.scalar("max_tokens", _positive_int, default.max_tokens),
+    )
+    reader.finish()
+    if not probes.timeout:  # not set: the default, but never beyond the interval
+        probes = replace(probes, timeout=min(default.timeout, probes.interval))
+    if probes.timeout > probes.interval:
+        raise reader.error(
+            f"{reader.path}.timeout",
+            f"must not be above the interval ({probes.interval:g}s)",
+            reader.node("timeout"),
+        )
+    return probes
+
+
+def _parse_threshold(
+    reader: _Reader | None, default: Threshold, convert: Callable[[Any, str, yaml.Node], float]
+) -> Threshold:
     if reader is None:
         return default
-    convert = _ratio if ratio else _duration
     threshold = Threshold(
         degraded=reader.scalar("degraded", convert, default.degraded),
         unhealthy=reader.scalar("unhealthy", convert, default.unhealthy),
@@ -448,7 +524,7 @@ def _parse_threshold(reader: _Reader | None, default: Threshold, ratio: bool) ->
     reader.finish()
     low, high = threshold.degraded, threshold.unhealthy
     if low is not None and high is not None and low > high:
-        unit = "" if ratio else "s"
+        unit = "s" if convert is _duration else ""
         raise reader.error(
             reader.path, f"degraded ({low:g}{unit}) must not be above unhealthy ({high:g}{unit})"
         )
@@ -461,13 +537,17 @@ def _parse_health(reader: _Reader | None) -> HealthConfig:
     default = HealthConfig()
     health = HealthConfig(
         response_time=_parse_threshold(
-            reader.mapping("response_time"), default.response_time, ratio=False
+            reader.mapping("response_time"), default.response_time, _duration
         ),
-        memory_ratio=_parse_threshold(
-            reader.mapping("memory_ratio"), default.memory_ratio, ratio=True
+        memory_ratio=_parse_threshold(reader.mapping("memory_ratio"), default.memory_ratio, _ratio),
+        disk_ratio=_parse_threshold(reader.mapping("disk_ratio"), default.disk_ratio, _ratio),
+        cpu_ratio=_parse_threshold(reader.mapping("cpu_ratio"), default.cpu_ratio, _ratio),
+        probe_duration=_parse_threshold(
+            reader.mapping("probe_duration"), default.probe_duration, _duration
         ),
-        disk_ratio=_parse_threshold(reader.mapping("disk_ratio"), default.disk_ratio, ratio=True),
-        cpu_ratio=_parse_threshold(reader.mapping("cpu_ratio"), default.cpu_ratio, ratio=True),
+        probe_failures=_parse_threshold(
+            reader.mapping("probe_failures"), default.probe_failures, _positive_int
+        ),
         max_age=reader.scalar("max_age", _duration, default.max_age),
     )
     reader.finish()
@@ -500,6 +580,9 @@ def _parse_global(reader: _Reader | None) -> GlobalConfig:
         scrape_timeout=reader.scalar("scrape_timeout", _duration, GlobalConfig.scrape_timeout),
         scrape_timeout_margin=reader.scalar(
             "scrape_timeout_margin", _duration, GlobalConfig.scrape_timeout_margin
+        ),
+        probe_concurrency=reader.scalar(
+            "probe_concurrency", _positive_int, GlobalConfig.probe_concurrency
         ),
     )
     reader.finish()

@@ -21,6 +21,7 @@ class FailureClass(StrEnum):
     HTTP_4XX = "http_4xx"
     HTTP_5XX = "http_5xx"
     INVALID_RESPONSE = "invalid_response"
+    EMPTY_RESPONSE = "empty_response"  # a probe's answer held no generated token
 
 
 class ExporterError(Exception):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -11,6 +11,7 @@ from .config import HealthConfig, Threshold
 
 if TYPE_CHECKING:
     from .collector import ProviderResult, Resources
+    from .probes import ModelProbeStats
 
 
 class Status(StrEnum):
@@ -63,13 +64,39 @@ def _against(value: float, threshold: Threshold) -> Status:
     return Status.HEALTHY
 
 
-def _provider(result: ProviderResult, config: HealthConfig) -> ComponentHealth:
+def _probe_verdicts(
+    probes: Mapping[str, ModelProbeStats], config: HealthConfig
+) -> list[tuple[Status, str]]:
+    verdicts = []
+    for model, stats in sorted(probes.items()):
+        failures = stats.consecutive_failures
+        if failures:
+            status = _against(failures, config.probe_failures)
+            times = f" {failures} times in a row" if failures > 1 else ""
+            verdicts.append((status, f"probe of {model} failed{times}: {stats.last_failure}"))
+        elif stats.last_duration is not None:
+            status = _against(stats.last_duration, config.probe_duration)
+            verdicts.append((status, f"probe of {model} took {stats.last_duration:.2f}s"))
+    return verdicts
+
+
+def _provider(
+    result: ProviderResult, probes: Mapping[str, ModelProbeStats], config: HealthConfig
+) -> ComponentHealth:
     snapshot = result.snapshot
     failures = [
         f"{f.endpoint or 'collection'} {f.failure.value}: {f.message}" for f in snapshot.failures
     ]
     details: dict[str, Any] = {
         "kind": result.config.kind,
+        "probes": {
+            model: {
+                "last_success": stats.last_success,
+                "last_duration_seconds": stats.last_duration,
+                "consecutive_failures": stats.consecutive_failures,
+            }
+            for model, stats in sorted(probes.items())
+        },
         "up": snapshot.up,
         "ready": snapshot.ready,
         "response_time_seconds": snapshot.response_time_seconds,
@@ -86,12 +113,15 @@ def _provider(result: ProviderResult, config: HealthConfig) -> ComponentHealth:
     if not snapshot.ready:
         return verdict(Status.DEGRADED, "up but not ready (loading a model)")
     seconds = snapshot.response_time_seconds or 0.0
-    slow = _against(seconds, config.response_time)
-    if slow is not Status.HEALTHY:
-        return verdict(slow, f"responds in {seconds:.2f}s")
+    findings = [(_against(seconds, config.response_time), f"responds in {seconds:.2f}s")]
     if failures:
-        return verdict(Status.DEGRADED, f"partial answer: {failures[0]}")
-    return verdict(Status.HEALTHY, "up")
+        findings.append((Status.DEGRADED, f"partial answer: {failures[0]}"))
+    findings.extend(_probe_verdicts(probes, config))
+    bad = [f for f in findings if f[0] is not Status.HEALTHY]
+    if not bad:
+        return verdict(Status.HEALTHY, "up")
+    status = worst([s for s, _ in bad])
+    return verdict(status, "; ".join(r for _, r in sorted(bad, key=lambda f: -f[0].rank)))
 
 
 def _connection(results: Sequence[ProviderResult]) -> ComponentHealth:
@@ -147,11 +177,14 @@ def _resources(
 
 
 def evaluate(
-    results: Sequence[ProviderResult], resources: Resources, config: HealthConfig
+    results: Sequence[ProviderResult],
+    resources: Resources,
+    probes: Mapping[str, Mapping[str, ModelProbeStats]],
+    config: HealthConfig,
 ) -> HealthReport:
     """Judge every component; the overall verdict is the worst of them."""
     components = (
-        *(_provider(r, config) for r in results),
+        *(_provider(r, probes.get(r.config.name, {}), config) for r in results),
         _connection(results),
         _resources(results, resources, config),
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 from prometheus_client.core import (
@@ -16,9 +15,10 @@ from prometheus_client.core import (
 )
 
 from . import __version__
-from .client import DURATION_BUCKETS, ConnectionStats
+from .client import ConnectionStats
 from .collector import Collection, ProviderResult
 from .health import Status
+from .probes import ProbeStats
 from .providers.base import EngineSnapshot, HistogramData
 
 
@@ -80,6 +80,16 @@ SPECS = {
         Spec("llm_request_duration_seconds", "histogram", "End-to-end duration of the provider's requests, as the provider measured it.", PM),
         Spec("llm_inter_token_latency_seconds", "histogram", "Time between output tokens of the provider's requests, as the provider measured it.", PM),
         Spec("llm_request_queue_duration_seconds", "histogram", "Time the provider's requests waited in its queue.", PM),
+        # Synthetic probes: small streamed generations the exporter sends on a schedule.
+        Spec("llm_probe_requests_total", "counter", "Synthetic probe requests sent on a schedule, by outcome (success or failure class, including empty_response).", (*PM, "outcome")),
+        Spec("llm_probe_duration_seconds", "histogram", "Total duration of successful synthetic probe requests, sent on a schedule.", PM),
+        Spec("llm_probe_time_to_first_token_seconds", "histogram", "Time from sending a synthetic probe request to its first generated token.", PM),
+        Spec("llm_probe_time_per_output_token_seconds", "histogram", "Time per generated token after the first, in synthetic probe requests.", PM),
+        Spec("llm_probe_tokens_total", "counter", "Tokens of successful synthetic probe requests, by type (input, output), as the provider counted them.", (*PM, "type")),
+        Spec("llm_probe_tokens_per_second", "gauge", "Generation speed of the last successful synthetic probe: output tokens after the first per second.", PM),
+        Spec("llm_model_load_duration_seconds", "histogram", "Time the provider spent loading the model for a synthetic probe request, as it reported (Ollama's load_duration).", PM),
+        Spec("llm_probe_last_run_timestamp_seconds", "gauge", "When the last synthetic probe of the model finished, successful or not.", PM),
+        Spec("llm_probe_last_success_timestamp_seconds", "gauge", "When the last successful synthetic probe of the model finished.", PM),
         # The host.
         Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
         Spec("llm_host_cpus", "gauge", "Logical CPUs of the host.", ()),
@@ -191,21 +201,39 @@ def _engine(out: _Families, provider: str, engine: EngineSnapshot) -> None:
 
 
 def _connections(out: _Families, stats: ConnectionStats) -> None:
-    bounds = [*DURATION_BUCKETS, float("inf")]
     for (provider, endpoint), endpoint_stats in sorted(stats.endpoints.items()):
         for outcome, count in sorted(endpoint_stats.outcomes.items()):
             out.add("llm_provider_requests_total", [provider, endpoint, outcome], count)
         retries = float(endpoint_stats.retries)
         out.add("llm_provider_request_retries_total", [provider, endpoint], retries)
     for provider, durations in sorted(stats.durations.items()):
-        cumulative = tuple(zip(bounds, accumulate(durations.bucket_counts), strict=True))
-        out.histogram(
-            "llm_provider_request_duration_seconds",
-            [provider],
-            HistogramData(cumulative, durations.total),
-        )
+        out.histogram("llm_provider_request_duration_seconds", [provider], durations.data())
     for provider, at in sorted(stats.last_request.items()):
         out.add("llm_provider_last_request_timestamp_seconds", [provider], at)
+
+
+def _probes(out: _Families, stats: ProbeStats) -> None:
+    for (provider, model), probe in sorted(stats.models.items()):
+        labels = [provider, model]
+        for outcome, count in sorted(probe.outcomes.items()):
+            out.add("llm_probe_requests_total", [*labels, outcome], count)
+        if not probe.last_success:
+            out.add("llm_probe_last_run_timestamp_seconds", labels, probe.last_run)
+            continue
+        out.histogram("llm_probe_duration_seconds", labels, probe.duration.data())
+        out.histogram(
+            "llm_probe_time_to_first_token_seconds", labels, probe.time_to_first_token.data()
+        )
+        out.histogram(
+            "llm_probe_time_per_output_token_seconds", labels, probe.time_per_output_token.data()
+        )
+        if probe.load_duration.counts:
+            out.histogram("llm_model_load_duration_seconds", labels, probe.load_duration.data())
+        out.add("llm_probe_tokens_total", [*labels, "input"], probe.input_tokens)
+        out.add("llm_probe_tokens_total", [*labels, "output"], probe.output_tokens)
+        out.add("llm_probe_tokens_per_second", labels, probe.tokens_per_second)
+        out.add("llm_probe_last_run_timestamp_seconds", labels, probe.last_run)
+        out.add("llm_probe_last_success_timestamp_seconds", labels, probe.last_success)
 
 
 def _resources(out: _Families, collection: Collection) -> None:
@@ -262,12 +290,15 @@ class ReloadState:
     success_timestamp: float
 
 
-def render(collection: Collection, stats: ConnectionStats, reload: ReloadState) -> list[Metric]:
+def render(
+    collection: Collection, stats: ConnectionStats, probes: ProbeStats, reload: ReloadState
+) -> list[Metric]:
     """All metric families of one scrape."""
     out = _Families()
     for result in collection.providers:
         _provider(out, result)
     _connections(out, stats)
+    _probes(out, probes)
     _resources(out, collection)
     _health(out, collection)
     out.add("llm_exporter_build_info", [__version__, platform.python_version()], 1.0)

@@ -26,6 +26,8 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .health import Status
 from .metrics import ReloadState, render
+from .probes import ProbeRunner, ProbeStats
+from .providers.base import ModelSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +52,50 @@ class Exporter:
         self.config = config
         self.config_path = config_path
         self.stats = ConnectionStats()
+        self.probe_stats = ProbeStats()
         self.registry = registry if registry is not None else _default_registry()
         self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
         self.wall_clock = wall_clock
         self.collector = self._new_collector(config)
+        self.probes: ProbeRunner | None = None
         self.last: Collection | None = None
         self.reload_state = ReloadState(successful=True, success_timestamp=wall_clock())
         self._reload_lock = asyncio.Lock()
+        self._collecting: asyncio.Task[Collection] | None = None
 
     def _new_collector(self, config: Config) -> Collector:
         return Collector(
-            config, stats=self.stats, wall_clock=self.wall_clock, **self._collector_options
+            config,
+            stats=self.stats,
+            probe_stats=self.probe_stats,
+            wall_clock=self.wall_clock,
+            **self._collector_options,
         )
+
+    def start_probes(self) -> None:
+        """Start the probe loops of the current configuration."""
+        self.probes = ProbeRunner(
+            self.config,
+            self.collector.by_name,
+            self.probe_stats,
+            self.models_of,
+            wall_clock=self.wall_clock,
+        )
+        self.probes.start()
+
+    async def stop_probes(self) -> None:
+        """Stop the probe loops."""
+        if self.probes is not None:
+            await self.probes.stop()
+            self.probes = None
+
+    async def models_of(self, provider: str) -> tuple[ModelSnapshot, ...] | None:
+        """A provider's models as recently collected; None if it is down or unknown."""
+        collection = await self.fresh()
+        for result in collection.providers:
+            if result.config.name == provider and result.snapshot.up:
+                return result.snapshot.models
+        return None
 
     @property
     def ready(self) -> bool:
@@ -75,16 +109,21 @@ class Exporter:
         return collection
 
     async def fresh(self) -> Collection:
-        """The latest collection, collecting again if it is older than health.max_age."""
+        """The latest collection, collecting again if it is older than health.max_age.
+
+        Callers that arrive while such a collection runs share it.
+        """
         last = self.last
-        if last is None or self.wall_clock() - last.finished_at > self.config.health.max_age:
-            return await self.collect()
-        return last
+        if last is not None and self.wall_clock() - last.finished_at <= self.config.health.max_age:
+            return last
+        if self._collecting is None or self._collecting.done():
+            self._collecting = asyncio.ensure_future(self.collect())
+        return await asyncio.shield(self._collecting)
 
     def metrics(self, collection: Collection) -> Iterable[Metric]:
         """The families of one scrape: the exporter's own process, then the collection."""
         yield from self.registry.collect()
-        yield from render(collection, self.stats, self.reload_state)
+        yield from render(collection, self.stats, self.probe_stats, self.reload_state)
 
     async def reload(self) -> None:
         """Load the configuration file again; keep the running one if the new one is invalid."""
@@ -96,16 +135,23 @@ class Exporter:
             except ConfigError:
                 self.reload_state = ReloadState(False, self.reload_state.success_timestamp)
                 raise
+            probing = self.probes is not None
+            await self.stop_probes()
             old, self.collector = self.collector, self._new_collector(config)
             self.config = config
-            self.stats.forget_except({p.name for p in config.providers})
+            names = {p.name for p in config.providers}
+            self.stats.forget_except(names)
+            self.probe_stats.forget_except(names)
             self.reload_state = ReloadState(True, self.wall_clock())
             await old.aclose()
+            if probing:
+                self.start_probes()
             log.info("configuration reloaded providers=%d", len(config.providers))
         await self.collect()
 
     async def aclose(self) -> None:
-        """Close the provider clients."""
+        """Stop probing and close the provider clients."""
+        await self.stop_probes()
         await self.collector.aclose()
 
 
@@ -247,4 +293,14 @@ def create_app(exporter: Exporter) -> web.Application:
     app.router.add_get("/-/healthy", handle_healthy)
     app.router.add_get("/-/ready", handle_ready)
     app.router.add_post("/-/reload", handle_reload)
+    app.on_startup.append(_start_probes)
+    app.on_cleanup.append(_stop_probes)
     return app
+
+
+async def _start_probes(app: web.Application) -> None:
+    app[EXPORTER_KEY].start_probes()
+
+
+async def _stop_probes(app: web.Application) -> None:
+    await app[EXPORTER_KEY].stop_probes()

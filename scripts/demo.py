@@ -47,13 +47,15 @@ def main() -> int:
     config = CACHE / "llm-exporter.yml"
     with LlamaCppServer(model, port=llama_port) as llama:
         config.write_text(
-            "# Written by `make run`: the demo llama.cpp server, and its process found by port.\n"
+            "# Written by `make run`: the demo llama.cpp server, its process found by port, probed every 15 s.\n"
             "providers:\n"
             "  - name: demo-llama\n"
             "    kind: llamacpp\n"
             f"    url: {llama.url}\n"
             "    process:\n"
             f"      port: {llama_port}\n"
+            "    probes:\n"
+            "      interval: 15s\n"
         )
         exporter = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--config.file", str(config),

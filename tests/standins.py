@@ -221,3 +221,75 @@ def openai_routes(**overrides: Handler) -> dict[str, Handler]:
         )
     }
     return {**routes, **overrides}
+
+
+def ollama_chat(words: tuple[str, ...], first_load_ns: int, later_load_ns: int) -> Handler:
+    """Ollama's streamed /api/chat (docs/api.md shapes): a chunk per word, then the statistics.
+
+    The first request reports a large load_duration, as when the model had to be loaded.
+    """
+    calls = 0
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        stamp = "2023-08-04T08:52:19.385406455-07:00"
+        for word in words:
+            chunk = {
+                "model": body["model"],
+                "created_at": stamp,
+                "message": {"role": "assistant", "content": word},
+                "done": False,
+            }
+            await response.write(json.dumps(chunk).encode() + b"\n")
+            await asyncio.sleep(0.002)
+        final = {
+            "model": body["model"],
+            "created_at": stamp,
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": 10706818083,
+            "load_duration": first_load_ns if calls == 1 else later_load_ns,
+            "prompt_eval_count": 26,
+            "prompt_eval_duration": 130079000,
+            "eval_count": len(words),
+            "eval_duration": 4232710000,
+        }
+        await response.write(json.dumps(final).encode() + b"\n")
+        return response
+
+    return handle
+
+
+def sse_chat(
+    words: tuple[str, ...], *, stall_after: int | None = None, usage: bool = True
+) -> Handler:
+    """An OpenAI-compatible streamed chat completion; stall_after words it stops sending."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, word in enumerate(words):
+            if stall_after is not None and index == stall_after:
+                await asyncio.sleep(3600)
+            chunk = {
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": word}}],
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if usage:
+            counts = {
+                "prompt_tokens": 11,
+                "completion_tokens": len(words),
+                "total_tokens": 11 + len(words),
+            }
+            final = {"object": "chat.completion.chunk", "choices": [], "usage": counts}
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    return handle

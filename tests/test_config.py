@@ -22,6 +22,7 @@ from exporter.config import (
     GlobalConfig,
     HealthConfig,
     HostConfig,
+    ProbeConfig,
     ProcessMatch,
     ProviderConfig,
     Threshold,
@@ -61,7 +62,7 @@ INVALID = [
         "unknown provider key (typo)",
         provider("    timout: 5s"),
         "FILE:5: providers[0].timout: unknown key (known keys: api_key, api_key_file, headers,"
-        " kind, max_models, name, process, timeout, tls_config, url)",
+        " kind, max_models, name, probes, process, timeout, tls_config, url)",
     ),
     (
         "timeout not a duration",
@@ -517,7 +518,11 @@ def test_everything_set() -> None:
     assert p.process == ProcessMatch(pid_file=Path("/run/ollama.pid"), name="ollama", port=11434)
     assert config.host == HostConfig(enabled=True, mounts=("/", "/models"), gpu=False)
     assert config.health == HealthConfig(
-        Threshold(0.5, 1.0), Threshold(0.5, 0.6), Threshold(0.7, 1.0), Threshold(0.8, 0.9), 2.0
+        response_time=Threshold(0.5, 1.0),
+        memory_ratio=Threshold(0.5, 0.6),
+        disk_ratio=Threshold(0.7, 1.0),
+        cpu_ratio=Threshold(0.8, 0.9),
+        max_age=2.0,
     )
     assert config.global_ == GlobalConfig(scrape_timeout=30.0, scrape_timeout_margin=1.0)
 
@@ -665,6 +670,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "boolean": yaml.safe_load,
     "list of strings": lambda text: tuple(yaml.safe_load(text)),
     "mapping of strings": yaml.safe_load,
+    "string": str,
 }
 
 
@@ -682,9 +688,16 @@ def _documented(section: str) -> dict[str, tuple[str, str]]:
 def _code_defaults() -> dict[str, dict[str, Any]]:
     """The default of every documented key, from the dataclasses; None when not set."""
     p = {f.name: f.default for f in fields(ProviderConfig) if f.name not in ("name", "kind", "url")}
-    p.update(headers={}, api_key_file=None, tls_config=..., process=None)
+    p.update(headers={}, api_key_file=None, tls_config=..., process=None, probes=None)
     health: dict[str, Any] = {"max_age": HealthConfig().max_age}
-    for name in ("response_time", "memory_ratio", "disk_ratio", "cpu_ratio"):
+    for name in (
+        "response_time",
+        "memory_ratio",
+        "disk_ratio",
+        "cpu_ratio",
+        "probe_duration",
+        "probe_failures",
+    ):
         threshold = getattr(HealthConfig(), name)
         health[f"{name}.degraded"] = threshold.degraded
         health[f"{name}.unhealthy"] = threshold.unhealthy
@@ -694,6 +707,7 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
         "providers[]": p,
         "providers[].tls_config": {f.name: f.default for f in fields(TLSConfig)},
         "providers[].process": {f.name: f.default for f in fields(ProcessMatch)},
+        "providers[].probes": {f.name: f.default for f in fields(ProbeConfig)},
         "host": {f.name: f.default for f in fields(HostConfig)},
         "health": health,
     }
@@ -737,6 +751,9 @@ def test_docs_list_exactly_the_keys_the_parser_knows() -> None:
     )
     assert _known_keys(provider(f"    process: {{name: x, {bogus}}}")) == set(
         _documented("providers[].process")
+    )
+    assert _known_keys(provider(f"    probes: {{{bogus}}}")) == set(
+        _documented("providers[].probes")
     )
     assert _known_keys(provider() + f"host: {{{bogus}}}") == set(_documented("host"))
     health = {key.split(".")[0] for key in _documented("health")}

@@ -42,7 +42,7 @@ UP = ProviderSnapshot(up=True, ready=True, response_time_seconds=0.05)
 def verdicts(
     results: list[ProviderResult], resources: Resources, config: HealthConfig | None = None
 ) -> dict[str, tuple[Status, str]]:
-    report = evaluate(results, resources, config or HealthConfig())
+    report = evaluate(results, resources, {}, config or HealthConfig())
     out = {c.key: (c.status, c.reason) for c in report.components}
     out["overall"] = (report.status, "")
     return out

@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_server import LlamaCppServer
 from tests.helpers import config_of, provider_yaml, running
-from tests.standins import StandIn, ollama_routes, openai_routes, vllm_routes
+from tests.standins import StandIn, ollama_chat, ollama_routes, openai_routes, vllm_routes
 from tests.test_host import StandInNvml
+from tests.test_probes import first_probe
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 ROW = re.compile(r"^\| `([a-z_:]+)` \| (\w+) \| ([^|]*) \|")
@@ -49,9 +50,10 @@ def full_scrape(llama_server: LlamaCppServer) -> str:
 
 
 async def scrape_everything(llama_server: LlamaCppServer) -> str:
-    """Scrape an exporter watching every provider kind, a provider process and a GPU."""
+    """Scrape an exporter watching every provider kind, a provider process, a GPU and probes."""
+    chat = ollama_chat(("Hi", "!"), first_load_ns=1_500_000_000, later_load_ns=1_000_000)
     async with (
-        StandIn(ollama_routes()) as ollama,
+        StandIn(ollama_routes(**{"/api/chat": chat})) as ollama,
         StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as vllm,
         StandIn(openai_routes()) as openai,
     ):
@@ -59,12 +61,13 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
             provider_yaml(
                 "llama", "llamacpp", llama_server.url, process=f"{{port: {llama_server.port}}}"
             ),
-            provider_yaml("ollama", "ollama", ollama.url),
+            provider_yaml("ollama", "ollama", ollama.url, probes="{interval: 1h, jitter: 0}"),
             provider_yaml("vllm", "vllm", vllm.url),
             provider_yaml("api", "openai", f"{openai.url}/v1"),
         )
         assert llama_server.pid is not None
         async with running(config, nvml=StandInNvml(llama_server.pid)) as exporter:
+            await first_probe(exporter, "ollama")
             return (await exporter.http.get("/metrics")).text
 
 

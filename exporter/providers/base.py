@@ -96,6 +96,33 @@ class ProviderSnapshot:
     failures: tuple[Failure, ...] = ()
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe asks of a model."""
+
+    prompt: str
+    max_tokens: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ProbeMeasurement:
+    """What one successful probe measured; times in seconds."""
+
+    duration: float
+    time_to_first_token: float
+    output_tokens: int | None
+    input_tokens: int | None
+    # From the first to the last generated token, per token after the first (OpenTelemetry's
+    # time per output token), and its inverse.
+    time_per_output_token: float | None
+    tokens_per_second: float | None
+    load_duration: float | None = None
+    # What the provider itself reports for the same request, where it does.
+    provider_tokens_per_second: float | None = None
+    provider_prompt_seconds: float | None = None
+
+
 class Provider(Protocol):
     """A provider kind: reads one provider instance and returns a snapshot."""
 
@@ -106,6 +133,10 @@ class Provider(Protocol):
 
     async def snapshot(self) -> ProviderSnapshot:
         """Read the provider; never raise: failures go into the snapshot."""
+        ...
+
+    async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
+        """Send one small streamed generation; raise a classified ProviderError if it fails."""
         ...
 
 

@@ -14,7 +14,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import EngineSnapshot, Findings, ModelSnapshot, ProviderSnapshot, expect, number, text
+from .base import (
+    EngineSnapshot,
+    Findings,
+    ModelSnapshot,
+    ProbeMeasurement,
+    ProbeSpec,
+    ProviderSnapshot,
+    expect,
+    number,
+    text,
+)
+from .chat import probe_chat
 from .promtext import parse_samples
 
 if TYPE_CHECKING:
@@ -120,3 +131,7 @@ class LlamaCppProvider:
             models=tuple(models[: self.config.max_models]),
             engines=engines,
         )
+
+    async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
+        """One streamed chat completion, measured."""
+        return await probe_chat(self.client, "/v1/chat/completions", model, spec)

@@ -11,15 +11,29 @@ memory). Ollama has no /metrics: its load and latency come from probes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import Findings, ModelSnapshot, ProviderSnapshot, expect, number, text
+from ..errors import FailureClass, ProviderError
+from .base import (
+    Findings,
+    ModelSnapshot,
+    ProbeMeasurement,
+    ProbeSpec,
+    ProviderSnapshot,
+    expect,
+    number,
+    text,
+)
+from .chat import measurement
 
 if TYPE_CHECKING:
-    from ..client import ProviderClient, Reply
+    from ..client import ProviderClient, Reply, Stream
     from ..config import ProviderConfig
+
+NANOSECONDS = 1e9
 
 
 def _timestamp(value: object) -> float | None:
@@ -87,6 +101,46 @@ def _merge(on_disk: list[ModelSnapshot], in_memory: list[ModelSnapshot]) -> list
     return merged
 
 
+def _seconds(final: dict[str, Any], key: str) -> float | None:
+    nanoseconds = number(final.get(key))
+    return nanoseconds / NANOSECONDS if nanoseconds is not None else None
+
+
+async def _read_chat(stream: Stream) -> ProbeMeasurement:
+    """Ollama's /api/chat stream: one JSON object a line, the last with done and statistics."""
+    token_times: list[float] = []
+    final: dict[str, Any] = {}
+    finished = stream.started
+    async for arrived, line in stream.lines():
+        finished = arrived
+        chunk = expect(json.loads(line), dict, "a chunk", stream.endpoint)
+        if "error" in chunk:
+            raise ProviderError(
+                FailureClass.INVALID_RESPONSE, "error in the stream", endpoint=stream.endpoint
+            )
+        if (chunk.get("message") or {}).get("content"):
+            token_times.append(arrived)
+        if chunk.get("done"):
+            final = chunk
+            break
+    if not final:
+        raise ProviderError(
+            FailureClass.INVALID_RESPONSE, "stream ended before done", endpoint=stream.endpoint
+        )
+    output, prompt = number(final.get("eval_count")), number(final.get("prompt_eval_count"))
+    eval_seconds = _seconds(final, "eval_duration")
+    return measurement(
+        stream,
+        finished,
+        token_times,
+        int(output) if output is not None else None,
+        int(prompt) if prompt is not None else None,
+        load_duration=_seconds(final, "load_duration"),
+        provider_tokens_per_second=output / eval_seconds if output and eval_seconds else None,
+        provider_prompt_seconds=_seconds(final, "prompt_eval_duration"),
+    )
+
+
 class OllamaProvider:
     """Reads an Ollama server."""
 
@@ -114,3 +168,13 @@ class OllamaProvider:
             response_time_seconds=seconds,
             models=tuple(_merge(on_disk or [], in_memory or [])[: self.config.max_models]),
         )
+
+    async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
+        """One streamed /api/chat request; Ollama reports its own durations in nanoseconds."""
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": spec.prompt}],
+            "stream": True,
+            "options": {"num_predict": spec.max_tokens},
+        }
+        return await self.client.stream("/api/chat", body, _read_chat, timeout=spec.timeout)

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Findings, ModelSnapshot, ProviderSnapshot, expect, text
+from .base import (
+    Findings,
+    ModelSnapshot,
+    ProbeMeasurement,
+    ProbeSpec,
+    ProviderSnapshot,
+    expect,
+    text,
+)
+from .chat import probe_chat
 
 if TYPE_CHECKING:
     from ..client import ProviderClient, Reply
@@ -51,3 +60,7 @@ class OpenAIProvider:
             response_time_seconds=seconds,
             models=tuple(models[: self.config.max_models]),
         )
+
+    async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
+        """One streamed chat completion, measured."""
+        return await probe_chat(self.client, "/chat/completions", model, spec)

@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import EngineSnapshot, Findings, ModelSnapshot, ProviderSnapshot, expect, number, text
+from .base import (
+    EngineSnapshot,
+    Findings,
+    ModelSnapshot,
+    ProbeMeasurement,
+    ProbeSpec,
+    ProviderSnapshot,
+    expect,
+    number,
+    text,
+)
+from .chat import probe_chat
 from .promtext import histogram_names, histograms_by, parse_samples, sum_by, sum_by_two
 
 if TYPE_CHECKING:
@@ -133,3 +144,7 @@ class VllmProvider:
             models=tuple((models or [])[: self.config.max_models]),
             engines=tuple((engines or [])[: self.config.max_models]),
         )
+
+    async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
+        """One streamed chat completion, measured."""
+        return await probe_chat(self.client, "/v1/chat/completions", model, spec)

@@ -1,0 +1,179 @@
+"""Synthetic probes: small streamed generations on a schedule, and what they measured.
+
+Each provider with a `probes` section gets one loop that wakes every interval
+(with jitter), picks its models (by default only loaded ones: a probe must not
+force a load unless a model allows it) and probes them, at most
+global.probe_concurrency at a time across all providers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from .client import DURATION_BUCKETS, Buckets
+from .config import Config, ProbeConfig, ProviderConfig
+from .errors import ProviderError
+from .providers import Provider
+from .providers.base import ModelSnapshot, ProbeMeasurement, ProbeSpec
+
+log = logging.getLogger(__name__)
+
+# OpenTelemetry GenAI's recommended buckets for time to first token and per output token.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+SUCCESS = "success"
+
+ModelsOf = Callable[[str], Awaitable[tuple[ModelSnapshot, ...] | None]]
+
+
+@dataclass
+class ModelProbeStats:
+    """Everything the probes of one model measured since the exporter started."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    duration: Buckets = field(default_factory=lambda: Buckets(DURATION_BUCKETS))
+    time_to_first_token: Buckets = field(default_factory=lambda: Buckets(TTFT_BUCKETS))
+    time_per_output_token: Buckets = field(default_factory=lambda: Buckets(TPOT_BUCKETS))
+    load_duration: Buckets = field(default_factory=lambda: Buckets(DURATION_BUCKETS))
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tokens_per_second: float | None = None
+    last_run: float | None = None
+    last_success: float | None = None
+    last_duration: float | None = None
+    consecutive_failures: int = 0
+    last_failure: str = ""
+
+
+@dataclass
+class ProbeStats:
+    """Probe results per (provider, model)."""
+
+    models: dict[tuple[str, str], ModelProbeStats] = field(default_factory=dict)
+
+    def of(self, provider: str, model: str) -> ModelProbeStats:
+        """The stats of one model, created empty on first use."""
+        return self.models.setdefault((provider, model), ModelProbeStats())
+
+    def by_provider(self) -> dict[str, dict[str, ModelProbeStats]]:
+        """The stats grouped by provider."""
+        grouped: dict[str, dict[str, ModelProbeStats]] = {}
+        for (provider, model), stats in self.models.items():
+            grouped.setdefault(provider, {})[model] = stats
+        return grouped
+
+    def record(self, provider: str, model: str, result: ProbeMeasurement, at: float) -> None:
+        """Count a successful probe and what it measured."""
+        stats = self.of(provider, model)
+        stats.outcomes[SUCCESS] = stats.outcomes.get(SUCCESS, 0) + 1
+        stats.duration.observe(result.duration)
+        stats.time_to_first_token.observe(result.time_to_first_token)
+        if result.time_per_output_token is not None:
+            stats.time_per_output_token.observe(result.time_per_output_token)
+        if result.load_duration is not None:
+            stats.load_duration.observe(result.load_duration)
+        stats.input_tokens += result.input_tokens or 0
+        stats.output_tokens += result.output_tokens or 0
+        stats.tokens_per_second = result.tokens_per_second
+        stats.last_run = stats.last_success = at
+        stats.last_duration = result.duration
+        stats.consecutive_failures = 0
+
+    def record_failure(self, provider: str, model: str, error: ProviderError, at: float) -> None:
+        """Count a failed probe by its class; its timings are not observed."""
+        stats = self.of(provider, model)
+        outcome = error.failure.value
+        stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
+        stats.last_run = at
+        stats.consecutive_failures += 1
+        stats.last_failure = f"{outcome}: {error.message}"
+
+    def forget_except(self, providers: set[str]) -> None:
+        """Drop the stats of providers that are no longer configured."""
+        for key in [key for key in self.models if key[0] not in providers]:
+            del self.models[key]
+
+
+def targets(probes: ProbeConfig, models: tuple[ModelSnapshot, ...] | None) -> list[str]:
+    """The models to probe now: the listed ones that are loaded (or may be loaded), or every loaded one."""
+    loaded = {m.name for m in models or () if m.loaded is not False}
+    known_loaded = {m.name for m in models or () if m.loaded is True}
+    if probes.models:
+        return [m.name for m in probes.models if m.allow_load or m.name in loaded]
+    return sorted(known_loaded)[: probes.max_models]
+
+
+class ProbeRunner:
+    """Runs every provider's probe loop until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        providers: Mapping[str, Provider],
+        stats: ProbeStats,
+        models_of: ModelsOf,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.providers = providers
+        self.stats = stats
+        self.models_of = models_of
+        self.wall_clock = wall_clock
+        self.rng = rng or random.Random()
+        self.limit = asyncio.Semaphore(config.global_.probe_concurrency)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start a loop for every provider that has probes."""
+        for provider in self.config.providers:
+            if provider.probes is not None:
+                self.tasks.append(asyncio.create_task(self._loop(provider, provider.probes)))
+
+    async def stop(self) -> None:
+        """Cancel every loop and wait for them."""
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+
+    async def _loop(self, provider: ProviderConfig, probes: ProbeConfig) -> None:
+        # Start within the first jitter window, so that providers do not probe in step.
+        await asyncio.sleep(self.rng.uniform(0, probes.jitter * probes.interval))
+        while True:
+            try:
+                await self.run_once(provider, probes)
+            except Exception as exc:  # a bug in one round must not end the loop
+                log.warning(
+                    "probe round failed provider=%s error=%s", provider.name, type(exc).__name__
+                )
+            spread = self.rng.uniform(-probes.jitter, probes.jitter)
+            await asyncio.sleep(probes.interval * (1 + spread))
+
+    async def run_once(self, provider: ProviderConfig, probes: ProbeConfig) -> None:
+        """Probe this provider's models once, now."""
+        models = targets(probes, await self.models_of(provider.name))
+        spec = ProbeSpec(probes.prompt, probes.max_tokens, probes.timeout)
+        await asyncio.gather(*(self.probe(provider.name, model, spec) for model in models))
+
+    async def probe(self, provider: str, model: str, spec: ProbeSpec) -> None:
+        """One probe of one model, recorded."""
+        async with self.limit:
+            try:
+                result = await self.providers[provider].probe(model, spec)
+            except ProviderError as exc:
+                log.debug(
+                    "probe failed provider=%s model=%s class=%s", provider, model, exc.failure.value
+                )
+                self.stats.record_failure(provider, model, exc, self.wall_clock())
+            else:
+                self.stats.record(provider, model, result, self.wall_clock())
