@@ -23,6 +23,7 @@ from exporter.config import (
     HealthConfig,
     HostConfig,
     ProbeConfig,
+    ProbeModel,
     ProcessMatch,
     ProviderConfig,
     Threshold,
@@ -53,6 +54,32 @@ def provider(*extra: str, kind: str = "ollama", url: str = "http://localhost:114
 # (id, file text, the whole message). FILE is the file's path, DIR the directory it is in,
 # which also holds empty.key (an empty file) and key (a secret).
 INVALID = [
+    (
+        "probe timeout above the interval",
+        provider("    probes:", "      interval: 10s", "      timeout: 20s"),
+        "FILE:7: providers[0].probes.timeout: must not be above the interval (10s)",
+    ),
+    (
+        "probe jitter of a whole interval",
+        provider("    probes: {jitter: 1}"),
+        "FILE:5: providers[0].probes.jitter: expected a fraction of the interval from 0 to 0.99,"
+        " got 1",
+    ),
+    (
+        "probe model without a name",
+        provider("    probes:", "      models:", "        - allow_load: true"),
+        "FILE:7: providers[0].probes.models[0].name: is required",
+    ),
+    (
+        "probe max_tokens zero",
+        provider("    probes: {max_tokens: 0}"),
+        "FILE:5: providers[0].probes.max_tokens: expected a positive integer, got 0",
+    ),
+    (
+        "probe failures threshold not a count",
+        provider() + "health:\n  probe_failures: {degraded: 1.5}\n",
+        "FILE:6: health.probe_failures.degraded: expected a positive integer, got 1.5",
+    ),
     (
         "unknown top-level key",
         provider() + "scrape_timeout: 10s\n",
@@ -525,6 +552,26 @@ def test_everything_set() -> None:
         max_age=2.0,
     )
     assert config.global_ == GlobalConfig(scrape_timeout=30.0, scrape_timeout_margin=1.0)
+
+
+def test_probes_defaults_and_models() -> None:
+    text = provider(
+        "    probes:",
+        "      models:",
+        "        - llama3.2",
+        "        - {name: qwen2.5:7b, allow_load: true}",
+        "      interval: 10s",
+    )
+    (p,) = parse_config(text).providers
+    assert p.probes == ProbeConfig(
+        models=(ProbeModel("llama3.2"), ProbeModel("qwen2.5:7b", allow_load=True)),
+        interval=10.0,
+        timeout=10.0,  # not set: the default 30s would exceed the interval
+    )
+    (q,) = parse_config(provider("    probes: {}")).providers
+    assert q.probes == ProbeConfig()
+    (r,) = parse_config(provider()).providers
+    assert r.probes is None
 
 
 def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:

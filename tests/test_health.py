@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from exporter.collector import ProviderResult, Resources
 from exporter.config import HealthConfig, ProcessMatch, ProviderConfig, Threshold
-from exporter.errors import FailureClass
+from exporter.errors import FailureClass, ProviderError
 from exporter.health import Status, evaluate
 from exporter.host import DiskSnapshot, HostSnapshot
-from exporter.providers.base import Failure, ProviderSnapshot
+from exporter.probes import ProbeStats
+from exporter.providers.base import Failure, ProbeMeasurement, ProviderSnapshot
 
 GIB = 1024**3
 
@@ -98,3 +99,28 @@ def test_resources_name_every_threshold_crossed_worst_first() -> None:
 def test_missing_provider_process_is_degraded() -> None:
     got = verdicts([result("a", UP, process=True)], Resources(host(), {}, ()))
     assert got["resources"] == (Status.DEGRADED, "process of provider a not found")
+
+
+def test_probe_failures_and_slow_probes_judge_the_provider() -> None:
+    stats = ProbeStats()
+    timeout = ProviderError(FailureClass.TIMEOUT, "no answer within 30s", endpoint="/api/chat")
+    stats.record_failure("a", "llama3.2", timeout, at=1.0)
+    slow = ProbeMeasurement(12.0, 0.5, 16, 20, 0.7, 1.4)
+    stats.record("b", "qwen", slow, at=1.0)
+    for _ in range(3):
+        stats.record_failure("c", "phi", timeout, at=2.0)
+    results = [result("a", UP), result("b", UP), result("c", UP)]
+    report = evaluate(results, Resources(None, {}, ()), stats.by_provider(), HealthConfig())
+    got = {c.key: (c.status, c.reason) for c in report.components}
+    assert got["provider/a"] == (
+        Status.DEGRADED,
+        "probe of llama3.2 failed: timeout: no answer within 30s",
+    )
+    assert got["provider/b"] == (Status.DEGRADED, "probe of qwen took 12.00s")
+    assert got["provider/c"] == (
+        Status.UNHEALTHY,
+        "probe of phi failed 3 times in a row: timeout: no answer within 30s",
+    )
+    stats.record("c", "phi", ProbeMeasurement(0.2, 0.05, 16, 20, 0.01, 100.0), at=3.0)
+    report = evaluate(results, Resources(None, {}, ()), stats.by_provider(), HealthConfig())
+    assert {c.key: c.status for c in report.components}["provider/c"] is Status.HEALTHY
