@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from aiohttp.test_utils import TestServer
@@ -14,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config, parse_config
 from exporter.server import Exporter, create_app
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -96,3 +100,29 @@ async def running(config: Config, **options: Any) -> AsyncIterator[Running]:
     finally:
         await server.close()
         await exporter.aclose()
+
+
+async def watch_queue(
+    exporter: Running, provider: str, requests: list[asyncio.Task[T]], enough: float
+) -> tuple[float, float, list[T]]:
+    """Scrape while requests run: the most running and waiting seen, and the requests' results.
+
+    Stops looking once `enough` requests were seen waiting, or after 60 s.
+    """
+    seen_running = seen_waiting = 0.0
+    deadline = time.monotonic() + 60
+    try:
+        for _ in range(1000):
+            scrape = await exporter.scrape()
+            running_now = scrape.value("llm_requests_running", provider=provider) or 0
+            waiting_now = scrape.value("llm_requests_waiting", provider=provider) or 0
+            seen_running, seen_waiting = (
+                max(seen_running, running_now),
+                max(seen_waiting, waiting_now),
+            )
+            if seen_waiting >= enough or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        results = await asyncio.gather(*requests)
+    return seen_running, seen_waiting, list(results)

@@ -24,11 +24,17 @@ def measurement(
     stream: Stream,
     finished: float,
     token_times: list[float],
-    output_tokens: int | None,
-    input_tokens: int | None,
+    output_count: object,
+    input_count: object,
     **reported: float | None,
 ) -> ProbeMeasurement:
-    """A measurement from the arrival times of the chunks that carried generated text."""
+    """A measurement from the arrival times of the chunks that carried generated text.
+
+    The token counts are what the provider said: non-numbers count as unknown.
+    """
+    output, given_input = number(output_count), number(input_count)
+    output_tokens = int(output) if output is not None else None
+    input_tokens = int(given_input) if given_input is not None else None
     if not token_times or output_tokens == 0:
         raise ProviderError(
             FailureClass.EMPTY_RESPONSE, "no generated token", endpoint=stream.endpoint
@@ -74,15 +80,13 @@ async def _read_events(stream: Stream) -> ProbeMeasurement:
             usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):  # llama.cpp's own per-request timings
             timings = chunk["timings"]
-    output = number(usage.get("completion_tokens"))
-    prompt = number(usage.get("prompt_tokens"))
     prompt_ms = number(timings.get("prompt_ms"))
     return measurement(
         stream,
         finished,
         token_times,
-        int(output) if output is not None else None,
-        int(prompt) if prompt is not None else None,
+        usage.get("completion_tokens"),
+        usage.get("prompt_tokens"),
         provider_tokens_per_second=number(timings.get("predicted_per_second")),
         provider_prompt_seconds=prompt_ms / 1000 if prompt_ms is not None else None,
     )

@@ -127,14 +127,13 @@ async def _read_chat(stream: Stream) -> ProbeMeasurement:
         raise ProviderError(
             FailureClass.INVALID_RESPONSE, "stream ended before done", endpoint=stream.endpoint
         )
-    output, prompt = number(final.get("eval_count")), number(final.get("prompt_eval_count"))
-    eval_seconds = _seconds(final, "eval_duration")
+    output, eval_seconds = number(final.get("eval_count")), _seconds(final, "eval_duration")
     return measurement(
         stream,
         finished,
         token_times,
-        int(output) if output is not None else None,
-        int(prompt) if prompt is not None else None,
+        final.get("eval_count"),
+        final.get("prompt_eval_count"),
         load_duration=_seconds(final, "load_duration"),
         provider_tokens_per_second=output / eval_seconds if output and eval_seconds else None,
         provider_prompt_seconds=_seconds(final, "prompt_eval_duration"),

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from llamacpp_server import LlamaCppServer
-from tests.helpers import config_of, parse, provider_yaml, running
+from tests.helpers import config_of, parse, provider_yaml, running, watch_queue
 from tests.standins import StandIn, json_reply, llamacpp_routes
 
 
@@ -86,20 +85,9 @@ async def test_waiting_series_shows_the_queue(larger_model: Path) -> None:
             httpx.AsyncClient(base_url=server.url, timeout=120) as client,
         ):
             requests = [asyncio.create_task(chat(client, max_tokens=40)) for _ in range(4)]
-            seen_waiting, seen_running, deadline = 0.0, 0.0, time.monotonic() + 60
-            try:
-                for _ in range(600):
-                    scrape = await exporter.scrape()
-                    waiting = scrape.value("llm_requests_waiting", provider="one-slot") or 0
-                    seen_waiting = max(seen_waiting, waiting)
-                    seen_running = max(
-                        seen_running, scrape.value("llm_requests_running", provider="one-slot") or 0
-                    )
-                    if seen_waiting >= 2 or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.02)
-            finally:
-                usages = await asyncio.gather(*requests)
+            seen_running, seen_waiting, usages = await watch_queue(
+                exporter, "one-slot", requests, enough=2
+            )
     assert all(u["completion_tokens"] == 40 for u in usages)
     assert seen_running == 1
     assert 2 <= seen_waiting <= 3

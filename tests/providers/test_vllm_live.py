@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import Scrape, config_of, parse, provider_yaml, running
+from tests.helpers import Scrape, config_of, parse, provider_yaml, running, watch_queue
 from vllm_server import VllmServer, ensure_vllm
 
 pytestmark = pytest.mark.vllm
@@ -99,21 +98,7 @@ async def test_waiting_series_shows_the_queue(vllm: VllmServer) -> None:
         httpx.AsyncClient(base_url=vllm.url, timeout=120) as client,
     ):
         requests = [asyncio.create_task(chat(client, max_tokens=200)) for _ in range(8)]
-        seen_waiting, seen_running, deadline = 0.0, 0.0, time.monotonic() + 60
-        try:
-            for _ in range(1000):
-                scrape = await exporter.scrape()
-                seen_waiting = max(
-                    seen_waiting, scrape.value("llm_requests_waiting", model="tiny") or 0
-                )
-                seen_running = max(
-                    seen_running, scrape.value("llm_requests_running", model="tiny") or 0
-                )
-                if seen_waiting >= 4 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            usages = await asyncio.gather(*requests)
+        seen_running, seen_waiting, usages = await watch_queue(exporter, "vllm", requests, enough=4)
     assert all(u["completion_tokens"] == 200 for u in usages)
     assert seen_running == 4
     assert seen_waiting == 4
