@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
-LINTED := exporter tests scripts bench
+LINTED := exporter tests scripts bench grafana
 
 .PHONY: run test lint typecheck pytest system-deps vllm bench clean
 
@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy exporter
+	$(BIN)/mypy exporter grafana/dashboards.py
 
 pytest: $(STAMP)
 	$(BIN)/pytest

@@ -1,0 +1,986 @@
+"""Generate the Grafana dashboards of llm-exporter with grafana-foundation-sdk (11.6 line).
+
+    python grafana/dashboards.py           write grafana/dashboards/*.json
+    python grafana/dashboards.py --check   exit 1 if the committed JSON differs from what it writes
+
+Every panel query is a plain PromQL string in `targets[].expr` over the raw metrics of
+docs/metrics.md (no recording rules), filtered by the `$provider` and `$model` variables
+where the series carries those labels, with `$__rate_interval` in every range function.
+`panel_queries()` and `variable_queries()` list them for the tests that run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    heatmap,
+    prometheus,
+    stat,
+    statetimeline,
+    table,
+    timeseries,
+)
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as models
+from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+PanelBuilder = TypeVar("PanelBuilder")
+
+HERE = Path(__file__).resolve().parent
+OUT_DIR = HERE / "dashboards"
+
+TAG = "llm"
+UIDS = ("llm-overview", "llm-performance", "llm-resources", "llm-models")
+
+DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
+RATE = "$__rate_interval"
+# Selectors: every series with a `provider` label is filtered by it, and by `model` when it has one.
+P = 'provider=~"$provider"'
+PM = 'provider=~"$provider", model=~"$model"'
+
+GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
+UP_DOWN = ((1, "up"), (0, "down"))
+LOADED = ((1, "loaded"), (0, "on disk"))
+
+
+# --- queries -------------------------------------------------------------------------------
+
+
+def query(
+    expr: str, legend: str = "", *, ref: str = "A", instant: bool = False
+) -> prometheus.Dataquery:
+    """A Prometheus target on the dashboard's datasource variable."""
+    target = (
+        prometheus.Dataquery()
+        .datasource(DATASOURCE)
+        .expr(expr)
+        .ref_id(ref)
+        .legend_format(legend or "__auto")
+    )
+    return target.instant() if instant else target.range()
+
+
+def table_query(expr: str, ref: str) -> prometheus.Dataquery:
+    """An instant query formatted as a table, one row per series."""
+    return query(expr, ref=ref, instant=True).format(PromQueryFormat.TABLE)
+
+
+def heatmap_query(expr: str) -> prometheus.Dataquery:
+    """Histogram buckets formatted for a heatmap panel."""
+    return query(expr, "{{le}}").format(PromQueryFormat.HEATMAP)
+
+
+def quantile(q: float, metric: str, by: str = "provider, model") -> str:
+    """histogram_quantile over a histogram's buckets, filtered by provider and model."""
+    labels = f"{by}, le" if by else "le"
+    return f"histogram_quantile({q}, sum by ({labels}) (rate({metric}_bucket{{{PM}}}[{RATE}])))"
+
+
+def quantiles(metric: str, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list[prometheus.Dataquery]:
+    """One target per quantile, per provider and model."""
+    return [
+        query(quantile(q, metric), f"p{round(q * 100)} {{{{provider}}}}/{{{{model}}}}", ref=ref)
+        for q, ref in zip(qs, "ABCDEFGH", strict=False)
+    ]
+
+
+# --- panels --------------------------------------------------------------------------------
+
+
+def thresholds(base: str, *steps: tuple[float, str]) -> builders.ThresholdsConfig:
+    """Absolute thresholds: a base colour, then (from value, colour) ...
+
+    Grafana reads the first step's value as -Infinity whatever it is; the schema wants a
+    number there (not the null Grafana itself saves), so the base step says 0.
+    """
+    return (
+        builders.ThresholdsConfig()
+        .mode(models.ThresholdsMode.ABSOLUTE)
+        .steps(
+            [models.Threshold(value=0, color=base)]
+            + [models.Threshold(value=value, color=color) for value, color in steps]
+        )
+    )
+
+
+def value_map(*entries: tuple[str, str, str]) -> list[models.ValueMapping]:
+    """A value-to-text mapping: (value, text, colour) ..."""
+    options = {
+        value: models.ValueMappingResult(text=text, color=color, index=index)
+        for index, (value, text, color) in enumerate(entries)
+    }
+    return [models.ValueMap(options=options)]
+
+
+def panel(
+    builder: PanelBuilder,
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[prometheus.Dataquery],
+    *,
+    w: int = 12,
+    h: int = 8,
+) -> PanelBuilder:
+    """The settings every panel shares: title, description, unit, datasource, targets, size."""
+    settings: Any = builder  # every panel builder has these; each call updates it in place
+    settings.title(title).description(description).unit(unit).datasource(DATASOURCE)
+    settings.targets(targets).span(w).height(h)
+    return builder
+
+
+def stat_panel(
+    title: str, description: str, unit: str, targets: list[prometheus.Dataquery], *, w: int
+) -> stat.Panel:
+    """A stat of the status bar: last value, coloured by thresholds, with a sparkline."""
+    builder = (
+        stat.Panel()
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .color_mode(common.BigValueColorMode.VALUE)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .text_mode(common.BigValueTextMode.AUTO)
+        .justify_mode(common.BigValueJustifyMode.AUTO)
+        .orientation(common.VizOrientation.AUTO)
+    )
+    return panel(builder, title, description, unit, targets, w=w, h=4)
+
+
+def series_panel(
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[prometheus.Dataquery],
+    *,
+    w: int = 12,
+    h: int = 8,
+    stacked: bool = False,
+) -> timeseries.Panel:
+    """A time series with a table legend showing the last and the largest values."""
+    builder = (
+        timeseries.Panel()
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.TABLE)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs(["lastNotNull", "max"])
+        )
+        .tooltip(
+            common_builders.VizTooltipOptions()
+            .mode(common.TooltipDisplayMode.MULTI)
+            .sort(common.SortOrder.DESCENDING)
+        )
+        .line_width(1)
+        .fill_opacity(10 if not stacked else 40)
+        .span_nulls(False)
+    )
+    if stacked:
+        builder = builder.stacking(
+            common_builders.StackingConfig().mode(common.StackingMode.NORMAL)
+        )
+    if unit == "percentunit":
+        builder = builder.min(0).max(1)
+    return panel(builder, title, description, unit, targets, w=w, h=h)
+
+
+def heatmap_panel(title: str, description: str, expr: str, *, w: int = 12) -> heatmap.Panel:
+    """A heatmap of a histogram's buckets: the y axis in seconds, the cells counting observations."""
+    builder = (
+        heatmap.Panel()
+        .calculate(False)
+        .y_axis(heatmap.YAxisConfig().unit("s").axis_placement(common.AxisPlacement.LEFT))
+        .cell_values(heatmap.CellValues().unit("short"))
+        .color(
+            heatmap.HeatmapColorOptions()
+            .mode(HeatmapColorMode.SCHEME)
+            .scheme("Spectral")
+            .scale(HeatmapColorScale.EXPONENTIAL)
+            .exponent(0.5)
+            .steps(64)
+            .reverse(False)
+            .fill("dark-orange")
+        )
+        .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
+        .show_value(common.VisibilityMode.AUTO)
+        .show_legend()
+        .exemplars_color("rgba(255,0,255,0.7)")
+        .filter_values(heatmap.FilterValueRange().le(1e-9))
+        .mode(common.TooltipDisplayMode.SINGLE)
+        .show_y_histogram()
+    )
+    # The cells count observations; the y axis (the buckets) is in seconds.
+    return panel(builder, title, description, "short", [heatmap_query(expr)], w=w)
+
+
+def row(title: str) -> builders.Row:
+    """An open row: its panels follow it at the top level of the dashboard."""
+    return builders.Row(title).collapsed(False)
+
+
+def merge_table(
+    title: str,
+    description: str,
+    targets: list[prometheus.Dataquery],
+    *,
+    hide: list[str],
+    rename: dict[str, str],
+    order: list[str],
+    unit: str,
+    states: list[models.ValueMapping],
+    as_text: tuple[str, ...] = (),
+    h: int = 8,
+) -> table.Panel:
+    """Instant table queries merged into one row per series, Time and helper columns hidden.
+
+    The dashboard schema only takes objects as field override values, so the table has no
+    overrides: one unit for its numeric columns (`as_text` columns are turned into text to
+    escape it), and states shown as label values coloured by `states` mappings.
+    """
+    excluded = {name: True for name in ["Time", *hide]}
+    conversions = [{"targetField": name, "destinationType": "string"} for name in as_text]
+    builder = table.Panel().with_transformation(
+        models.DataTransformerConfig(id_val="merge", options={})
+    )
+    if conversions:
+        builder = builder.with_transformation(
+            models.DataTransformerConfig(
+                id_val="convertFieldType", options={"conversions": conversions, "fields": {}}
+            )
+        )
+    builder = (
+        builder.with_transformation(
+            models.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": excluded,
+                    "renameByName": rename,
+                    "indexByName": {name: index for index, name in enumerate(order)},
+                },
+            )
+        )
+        .cell_height(common.TableCellHeight.SM)
+        .cell_options(common.TableColorTextCellOptions())
+        .show_header(True)
+        .filterable(True)
+        .mappings(states)
+        .thresholds(thresholds("text"))
+        .color_scheme(builders.FieldColor().mode(models.FieldColorModeId.THRESHOLDS))
+    )
+    return panel(builder, title, description, unit, targets, w=24, h=h)
+
+
+def state_label(expr: str, states: tuple[tuple[int, str], ...]) -> str:
+    """expr (a 0/1 vector) with a `state` label naming its value, for tables."""
+    return " or ".join(
+        f'label_replace({expr} == {value}, "state", "{name}", "", "")' for value, name in states
+    )
+
+
+# --- dashboards ----------------------------------------------------------------------------
+
+
+def base(uid: str, title: str, description: str) -> builders.Dashboard:
+    """What every dashboard has: tags, time, variables, links to the others, the alerts annotation."""
+    provider = (
+        builders.QueryVariable("provider")
+        .label("Provider")
+        .description("Providers (the configured names), from llm_provider_up.")
+        .datasource(DATASOURCE)
+        .query("label_values(llm_provider_up, provider)")
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .current(models.VariableOption(text=["All"], value=["$__all"], selected=True))
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(models.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
+    )
+    model = (
+        builders.QueryVariable("model")
+        .label("Model")
+        .description("Models the selected providers know, from llm_model_info.")
+        .datasource(DATASOURCE)
+        .query('label_values(llm_model_info{provider=~"$provider"}, model)')
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .current(models.VariableOption(text=["All"], value=["$__all"], selected=True))
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(models.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
+    )
+    return (
+        builders.Dashboard(title)
+        .uid(uid)
+        .description(description)
+        .tags([TAG])
+        .editable()
+        .tooltip(models.DashboardCursorSync.CROSSHAIR)
+        .time("now-6h", "now")
+        .refresh("30s")
+        .timezone("browser")
+        .with_variable(
+            builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .with_variable(provider)
+        .with_variable(model)
+        .annotation(
+            builders.AnnotationQuery()
+            .name("Firing alerts")
+            .datasource(DATASOURCE)
+            .expr('ALERTS{alertstate="firing"}')
+            .enable(True)
+            .hide(False)
+            .icon_color(RED)
+        )
+        .link(
+            builders.DashboardLink("LLM dashboards")
+            .type(models.DashboardLinkType.DASHBOARDS)
+            .tags([TAG])
+            .as_dropdown(False)
+            .include_vars(True)
+            .keep_time(True)
+            .target_blank(False)
+            .icon("external link")
+            .tooltip("The other llm-exporter dashboards")
+        )
+    )
+
+
+def overview() -> builders.Dashboard:
+    """LLM Overview: the status bar and the providers."""
+    health = stat_panel(
+        "Overall health",
+        "The exporter's overall health verdict (as on /health): healthy, degraded or unhealthy. "
+        "Not filtered by provider: the overall verdict covers every provider.",
+        "none",
+        [
+            query(
+                'max(llm_health_status{component="overall", state="degraded"}'
+                ' or llm_health_status{component="overall", state="unhealthy"} * 2)',
+                "overall",
+            )
+        ],
+        w=3,
+    ).mappings(
+        value_map(("0", "healthy", GREEN), ("1", "degraded", ORANGE), ("2", "unhealthy", RED))
+    )
+    up = stat_panel(
+        "Providers up",
+        "Providers answering their status endpoint, out of those watched.",
+        "short",
+        [
+            query(f"sum(llm_provider_up{{{P}}})", "up", ref="A"),
+            query(f"count(llm_provider_up{{{P}}})", "watched", ref="B"),
+        ],
+        w=3,
+    ).color_mode(common.BigValueColorMode.NONE)
+    tokens = stat_panel(
+        "Output tokens/s",
+        "Tokens the providers generated per second (llama.cpp and vLLM report them).",
+        "short",
+        [
+            query(
+                f'sum(rate(llm_tokens_total{{{PM}, type="output"}}[{RATE}]))',
+                "output tokens/s",
+            )
+        ],
+        w=4,
+    ).color_mode(common.BigValueColorMode.NONE)
+    latency = stat_panel(
+        "p95 probe latency",
+        "95th percentile of the synthetic probes' total duration, over every selected model.",
+        "s",
+        [query(quantile(0.95, "llm_probe_duration_seconds", by=""), "p95")],
+        w=3,
+    ).thresholds(thresholds(GREEN, (5, ORANGE), (20, RED)))
+    errors = stat_panel(
+        "Exporter error ratio",
+        "Share of the exporter's requests to the providers that failed (any outcome but success).",
+        "percentunit",
+        [
+            query(
+                f'(sum(rate(llm_provider_requests_total{{{P}, outcome!="success"}}[{RATE}])) or vector(0))'
+                f" / sum(rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
+                "errors",
+            )
+        ],
+        w=3,
+    ).thresholds(thresholds(GREEN, (0.01, ORANGE), (0.1, RED)))
+    queue = stat_panel(
+        "Requests running / waiting",
+        "Requests the providers are processing now, and those queued (llama.cpp and vLLM).",
+        "short",
+        [
+            query(f"sum(llm_requests_running{{{PM}}})", "running", ref="A"),
+            query(f"sum(llm_requests_waiting{{{PM}}})", "waiting", ref="B"),
+        ],
+        w=4,
+    ).color_mode(common.BigValueColorMode.NONE)
+    memory = stat_panel(
+        "Host memory used",
+        "Share of the host's memory in use, per exporter host.",
+        "percentunit",
+        [query("llm_host_memory_used_bytes / llm_host_memory_total_bytes", "{{instance}}")],
+        w=4,
+    ).thresholds(thresholds(GREEN, (0.8, ORANGE), (0.95, RED)))
+    providers = merge_table(
+        "Providers",
+        "Each provider: up or down, its kind and version, and how many models it has loaded.",
+        [
+            table_query(
+                state_label(f"max by (provider, kind) (llm_provider_up{{{P}}})", UP_DOWN), "A"
+            ),
+            table_query(f"max by (provider, version) (llm_provider_info{{{P}}})", "B"),
+            table_query(f"sum by (provider) (llm_model_loaded{{{PM}}})", "C"),
+        ],
+        hide=["Value #A", "Value #B"],
+        rename={
+            "provider": "Provider",
+            "state": "State",
+            "kind": "Kind",
+            "version": "Version",
+            "Value #C": "Models loaded",
+        },
+        order=["provider", "state", "kind", "version", "Value #C"],
+        unit="short",
+        states=value_map(("up", "up", GREEN), ("down", "down", RED)),
+    )
+    return (
+        base(
+            "llm-overview",
+            "LLM Overview",
+            "Status bar of the LLM inference servers llm-exporter watches, and the providers.",
+        )
+        .with_panel(health)
+        .with_panel(up)
+        .with_panel(tokens)
+        .with_panel(latency)
+        .with_panel(errors)
+        .with_panel(queue)
+        .with_panel(memory)
+        .with_panel(providers)
+    )
+
+
+def performance() -> builders.Dashboard:
+    """LLM Performance: latency, time to first token, throughput and load."""
+    per_model = "{{provider}}/{{model}}"
+    return (
+        base(
+            "llm-performance",
+            "LLM Performance",
+            "Latency, time to first token, throughput and load of the LLM inference servers.",
+        )
+        .with_row(row("Synthetic probes"))
+        .with_panel(
+            series_panel(
+                "Probe latency",
+                "Percentiles of the synthetic probes' total duration, per model (successful probes).",
+                "s",
+                quantiles("llm_probe_duration_seconds"),
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Probe time to first token",
+                "Percentiles of the time from sending a probe to its first generated token.",
+                "s",
+                quantiles("llm_probe_time_to_first_token_seconds"),
+            )
+        )
+        .with_panel(
+            heatmap_panel(
+                "Probe latency heatmap",
+                "Distribution of the synthetic probes' total duration over the selected models.",
+                f"sum by (le) (increase(llm_probe_duration_seconds_bucket{{{PM}}}[{RATE}]))",
+            )
+        )
+        .with_panel(
+            heatmap_panel(
+                "Probe time to first token heatmap",
+                "Distribution of the probes' time to first token over the selected models.",
+                f"sum by (le) (increase(llm_probe_time_to_first_token_seconds_bucket{{{PM}}}[{RATE}]))",
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Probe time per output token",
+                "Percentiles of the time per generated token after the first, in the probes.",
+                "s",
+                quantiles("llm_probe_time_per_output_token_seconds", (0.5, 0.95)),
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Probe generation speed (tokens/s)",
+                "Output tokens after the first per second, in the last successful probe of each model.",
+                "short",
+                [query(f"llm_probe_tokens_per_second{{{PM}}}", per_model)],
+            )
+        )
+        .with_row(row("Server-side latency (vLLM)"))
+        .with_panel(
+            series_panel(
+                "Server time to first token",
+                "Percentiles of the time to first token of the provider's own requests, as vLLM measured it.",
+                "s",
+                quantiles("llm_time_to_first_token_seconds"),
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Server request duration",
+                "Percentiles of the end-to-end duration of the provider's own requests, as vLLM measured it.",
+                "s",
+                quantiles("llm_request_duration_seconds"),
+            )
+        )
+        .with_row(row("Throughput and load"))
+        .with_panel(
+            series_panel(
+                "Tokens/s by type",
+                "Tokens the providers processed per second: input (prompt tokens evaluated) and output (generated).",
+                "short",
+                [
+                    query(
+                        f"sum by (provider, model, type) (rate(llm_tokens_total{{{PM}}}[{RATE}]))",
+                        f"{per_model} {{{{type}}}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Requests running vs waiting",
+                "Requests the providers are processing and those queued, per model.",
+                "short",
+                [
+                    query(
+                        f"sum by (provider, model) (llm_requests_running{{{PM}}})",
+                        f"running {per_model}",
+                        ref="A",
+                    ),
+                    query(
+                        f"sum by (provider, model) (llm_requests_waiting{{{PM}}})",
+                        f"waiting {per_model}",
+                        ref="B",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Probe requests by outcome",
+                "Synthetic probe requests per second, by outcome (success or failure class).",
+                "reqps",
+                [
+                    query(
+                        f"sum by (provider, model, outcome) (rate(llm_probe_requests_total{{{PM}}}[{RATE}]))",
+                        f"{per_model} {{{{outcome}}}}",
+                    )
+                ],
+                stacked=True,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Exporter request error ratio",
+                "Share of the exporter's requests to each provider that failed, from llm_provider_requests_total.",
+                "percentunit",
+                [
+                    query(
+                        f'(sum by (provider) (rate(llm_provider_requests_total{{{P}, outcome!="success"}}[{RATE}]))'
+                        f" or sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}])) * 0)"
+                        f" / sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
+                        "{{provider}}",
+                    )
+                ],
+            )
+        )
+    )
+
+
+def resources() -> builders.Dashboard:
+    """LLM Resources: host, provider processes, GPUs, model memory, KV cache and slots."""
+    per_model = "{{provider}}/{{model}}"
+    return (
+        base(
+            "llm-resources",
+            "LLM Resources",
+            "Host, provider process, GPU and model memory of the LLM inference servers.",
+        )
+        .with_row(row("Host"))
+        .with_panel(
+            series_panel(
+                "Host CPU",
+                "Share of the host's CPU time in use (host-wide: not filtered by provider).",
+                "percentunit",
+                [query("llm_host_cpu_usage_ratio", "{{instance}}")],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Host memory",
+                "Host memory in use (total less available) and in total (host-wide).",
+                "bytes",
+                [
+                    query("llm_host_memory_used_bytes", "used {{instance}}", ref="A"),
+                    query("llm_host_memory_total_bytes", "total {{instance}}", ref="B"),
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Disk used",
+                "Share of each configured mount point in use (host-wide).",
+                "percentunit",
+                [
+                    query(
+                        "llm_host_disk_used_bytes / llm_host_disk_total_bytes",
+                        "{{instance}} {{mountpoint}}",
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_row(row("Provider processes"))
+        .with_panel(
+            series_panel(
+                "Provider process memory",
+                "Resident memory of each provider's process on this host (providers with `process` configured).",
+                "bytes",
+                [query(f"llm_provider_process_resident_memory_bytes{{{P}}}", "{{provider}}")],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Provider process CPU",
+                "CPU time each provider's process uses per second (1 = one full core).",
+                "percentunit",
+                [
+                    query(
+                        f"rate(llm_provider_process_cpu_seconds_total{{{P}}}[{RATE}])",
+                        "{{provider}}",
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Provider process open fds",
+                "Open file descriptors of each provider's process.",
+                "short",
+                [query(f"llm_provider_process_open_fds{{{P}}}", "{{provider}}")],
+                w=8,
+            )
+        )
+        .with_row(row("GPUs"))
+        .with_panel(
+            series_panel(
+                "GPU memory",
+                "GPU memory in use and in total, per GPU (NVML; host-wide).",
+                "bytes",
+                [
+                    query("llm_gpu_memory_used_bytes", "used {{instance}} gpu {{gpu}}", ref="A"),
+                    query("llm_gpu_memory_total_bytes", "total {{instance}} gpu {{gpu}}", ref="B"),
+                ],
+                w=6,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "GPU utilization",
+                "Share of time each GPU was busy over the driver's last sample period.",
+                "percentunit",
+                [query("llm_gpu_utilization_ratio", "{{instance}} gpu {{gpu}}")],
+                w=6,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "GPU temperature",
+                "Temperature of each GPU.",
+                "celsius",
+                [query("llm_gpu_temperature_celsius", "{{instance}} gpu {{gpu}}")],
+                w=6,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "GPU power",
+                "Power draw of each GPU.",
+                "watt",
+                [query("llm_gpu_power_watts", "{{instance}} gpu {{gpu}}")],
+                w=6,
+            )
+        )
+        .with_row(row("Models and serving"))
+        .with_panel(
+            series_panel(
+                "Model memory: total vs VRAM",
+                "Memory each loaded model takes in total, and the part in GPU memory (vram; Ollama).",
+                "bytes",
+                [query(f"llm_model_memory_bytes{{{PM}}}", f"{per_model} {{{{memory}}}}")],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "KV cache usage",
+                "Share of the KV cache in use (vLLM, and llama.cpp builds that export it).",
+                "percentunit",
+                [query(f"llm_kv_cache_usage_ratio{{{PM}}}", per_model)],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Slots",
+                "The provider's processing slots, by state: busy or idle (llama.cpp).",
+                "short",
+                [
+                    query(
+                        f"sum by (provider, model, state) (llm_slots{{{PM}}})",
+                        f"{per_model} {{{{state}}}}",
+                    )
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+    )
+
+
+def models_dashboard() -> builders.Dashboard:
+    """LLM Models: the inventory, what is loaded, load times and expiry."""
+    per_model = "{{provider}}/{{model}}"
+    inventory = merge_table(
+        "Model inventory",
+        "Every model the providers know, with its details, size on disk, context length and whether it is loaded.",
+        [
+            table_query(
+                "max by (provider, model, family, parameter_size, quantization, format)"
+                f" (llm_model_info{{{PM}}})",
+                "A",
+            ),
+            table_query(f"max by (provider, model) (llm_model_size_bytes{{{PM}}})", "B"),
+            table_query(f"max by (provider, model) (llm_model_context_tokens{{{PM}}})", "C"),
+            table_query(
+                state_label(f"max by (provider, model) (llm_model_loaded{{{PM}}})", LOADED), "D"
+            ),
+        ],
+        hide=["Value #A", "Value #D"],
+        rename={
+            "provider": "Provider",
+            "model": "Model",
+            "family": "Family",
+            "parameter_size": "Parameters",
+            "quantization": "Quantization",
+            "format": "Format",
+            "Value #B": "Size on disk",
+            "Value #C": "Context (tokens)",
+            "state": "State",
+        },
+        order=[
+            "provider",
+            "model",
+            "family",
+            "parameter_size",
+            "quantization",
+            "format",
+            "Value #B",
+            "Value #C",
+            "state",
+        ],
+        unit="bytes",
+        as_text=("Value #C",),
+        states=value_map(("loaded", "loaded", GREEN), ("on disk", "on disk", BLUE)),
+        h=10,
+    )
+    loaded = panel(
+        statetimeline.Panel()
+        .show_value(common.VisibilityMode.NEVER)
+        .merge_values(True)
+        .row_height(0.9)
+        .fill_opacity(70)
+        .line_width(0),
+        "Loaded models",
+        "Which models are loaded in memory (1) or only on disk (0), over time.",
+        "none",
+        [query(f"llm_model_loaded{{{PM}}}", per_model)],
+        w=12,
+    ).mappings(value_map(("0", "on disk", BLUE), ("1", "loaded", GREEN)))
+    expiry = panel(
+        bargauge.Panel()
+        .display_mode(common.BarGaugeDisplayMode.BASIC)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .show_unfilled(True)
+        .min_viz_height(16)
+        .max_viz_height(24),
+        "Model expiry",
+        "Time left before the provider unloads each idle model (Ollama's expires_at).",
+        "s",
+        [query(f"llm_model_expiry_timestamp_seconds{{{PM}}} - time()", per_model)],
+        w=12,
+    ).thresholds(thresholds(ORANGE, (300, GREEN)))
+    return (
+        base(
+            "llm-models",
+            "LLM Models",
+            "The models the LLM inference servers know and have loaded, their load times and expiry.",
+        )
+        .with_panel(inventory)
+        .with_panel(loaded)
+        .with_panel(expiry)
+        .with_panel(
+            series_panel(
+                "Model load duration (p95)",
+                "95th percentile of the time a provider spent loading a model for a probe (Ollama's load_duration).",
+                "s",
+                [query(quantile(0.95, "llm_model_load_duration_seconds"), f"p95 {per_model}")],
+            )
+        )
+        .with_panel(
+            heatmap_panel(
+                "Model load duration heatmap",
+                "Distribution of model load times over the selected models (Ollama, measured by probes).",
+                f"sum by (le) (increase(llm_model_load_duration_seconds_bucket{{{PM}}}[{RATE}]))",
+            )
+        )
+    )
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _number_panels(dashboard: dict[str, Any]) -> None:
+    """Give every panel (rows and the panels in rows included) a stable id in layout order."""
+    next_id = 1
+    for item in dashboard.get("panels", []):
+        item["id"] = next_id
+        next_id += 1
+        for inner in item.get("panels", []):
+            inner["id"] = next_id
+            next_id += 1
+
+
+def build_dashboards() -> dict[str, dict[str, Any]]:
+    """Every dashboard as JSON-ready dicts, by uid."""
+    built = {}
+    for builder in (overview(), performance(), resources(), models_dashboard()):
+        dashboard: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
+        _number_panels(dashboard)
+        built[dashboard["uid"]] = dashboard
+    return built
+
+
+def render() -> dict[str, str]:
+    """The file contents to write, by file name: 2-space indent, sorted keys, a final newline."""
+    return {
+        f"{uid}.json": json.dumps(dashboard, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        for uid, dashboard in build_dashboards().items()
+    }
+
+
+def stale(out_dir: Path = OUT_DIR) -> list[str]:
+    """Files in out_dir that differ from what render() gives, are missing or should not be there."""
+    wanted = render()
+    differ = [
+        name
+        for name, text in wanted.items()
+        if not (out_dir / name).is_file() or (out_dir / name).read_text(encoding="utf-8") != text
+    ]
+    extra = (
+        [p.name for p in out_dir.glob("*.json") if p.name not in wanted] if out_dir.is_dir() else []
+    )
+    return sorted(differ + extra)
+
+
+def write(out_dir: Path = OUT_DIR) -> list[Path]:
+    """Write every dashboard into out_dir; the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render().items():
+        path = out_dir / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def load(out_dir: Path = OUT_DIR) -> dict[str, dict[str, Any]]:
+    """The committed dashboards, by uid."""
+    loaded = {}
+    for path in sorted(out_dir.glob("*.json")):
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        loaded[dashboard["uid"]] = dashboard
+    return loaded
+
+
+# --- helpers for the tests -----------------------------------------------------------------
+
+
+def iter_panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel that is not a row: top-level ones and those inside (collapsed) rows."""
+    for item in dashboard.get("panels", []):
+        if item.get("type") == "row":
+            yield from item.get("panels", [])
+        else:
+            yield item
+
+
+def panel_queries(dashboard: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) of every target of every panel."""
+    return [
+        (item.get("title", ""), target["expr"])
+        for item in iter_panels(dashboard)
+        for target in item.get("targets", [])
+        if "expr" in target
+    ]
+
+
+def variable_queries(dashboard: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(variable name, query) of every query variable (label_values(...) on the datasource)."""
+    return [
+        (variable["name"], variable["query"])
+        for variable in dashboard.get("templating", {}).get("list", [])
+        if variable.get("type") == "query"
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if grafana/dashboards/*.json differ from what this script writes",
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        differ = stale()
+        for name in differ:
+            print(
+                f"out of date: {OUT_DIR / name} (run python grafana/dashboards.py)", file=sys.stderr
+            )
+        return 1 if differ else 0
+    for path in write():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

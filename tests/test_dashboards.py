@@ -1,0 +1,307 @@
+"""The Grafana dashboards: generated, valid against Grafana's schema, and naming only real metrics.
+
+Grafana cannot run here; these tests check the dashboards' JSON. Running every panel query
+against a real Prometheus fed by the exporter is the bundle's integration test, which uses
+`panel_queries()` and `variable_queries()` from grafana/dashboards.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from grafana import dashboards as generator
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = Path(__file__).parent / "fixtures" / "grafana-dashboard-v11.6.jsonschema.json"
+CATALOGUE = ROOT / "docs" / "metrics.md"
+ROW = re.compile(r"^\| `([a-z_:]+)` \| (\w+) \| ([^|]*) \|")
+METRIC = re.compile(r"llm_[a-z_]+")
+# A metric name and its label matchers, if any: `llm_x{a="b", c=~"d"}`.
+SELECTOR = re.compile(r"(llm_[a-z_]+)\s*(\{[^}]*\})?")
+RANGE = re.compile(r"\[([^\]]*)\]")
+RANGE_FUNCTION = re.compile(r"\b(rate|irate|increase)\s*\(")
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+DASHBOARDS = generator.load()
+
+
+def catalogue() -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (type, label names) from docs/metrics.md."""
+    rows = {}
+    for line in CATALOGUE.read_text(encoding="utf-8").splitlines():
+        match = ROW.match(line)
+        if match:
+            rows[match.group(1)] = (
+                match.group(2),
+                frozenset(re.findall(r"`(\w+)`", match.group(3))),
+            )
+    return rows
+
+
+METRICS = catalogue()
+HISTOGRAMS = {name for name, (kind, _) in METRICS.items() if kind == "histogram"}
+
+
+def base_name(name: str) -> str:
+    """A histogram series' metric name (`_bucket`, `_sum`, `_count` dropped); others unchanged."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in HISTOGRAMS:
+            return name.removesuffix(suffix)
+    return name
+
+
+def every_query() -> list[tuple[str, str, str]]:
+    """(dashboard uid, where, PromQL) of every panel target and query variable."""
+    found = []
+    for uid, dashboard in DASHBOARDS.items():
+        found += [
+            (uid, f"panel {title!r}", expr) for title, expr in generator.panel_queries(dashboard)
+        ]
+        found += [(uid, f"variable {name}", q) for name, q in generator.variable_queries(dashboard)]
+    return found
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(generator.iter_panels(dashboard))
+
+
+# (a) generated ------------------------------------------------------------------------------
+
+
+def test_the_committed_json_is_what_the_generator_writes() -> None:
+    assert generator.stale() == [], "run: python grafana/dashboards.py"
+    assert sorted(DASHBOARDS) == sorted(generator.UIDS)
+    built = generator.build_dashboards()
+    for name, text in generator.render().items():
+        assert text.endswith("}\n") and text.startswith('{\n  "'), f"{name}: 2-space indent"
+        assert json.loads(text) == built[name.removesuffix(".json")] == DASHBOARDS[name[:-5]]
+
+
+def test_the_generator_output_is_deterministic() -> None:
+    assert generator.render() == generator.render()
+
+
+def test_check_exits_1_when_a_dashboard_differs(tmp_path: Path) -> None:
+    for name, text in generator.render().items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert generator.stale(tmp_path) == []
+    edited = tmp_path / "llm-models.json"
+    edited.write_text(edited.read_text(encoding="utf-8").replace("LLM Models", "Models"))
+    (tmp_path / "old.json").write_text("{}\n")
+    assert generator.stale(tmp_path) == ["llm-models.json", "old.json"]
+
+
+def test_the_check_flag_of_the_script() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "grafana" / "dashboards.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# (b) valid against Grafana's schema --------------------------------------------------------
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_the_dashboard_validates_against_grafanas_schema(uid: str) -> None:
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+        for error in validator.iter_errors(DASHBOARDS[uid])
+        for e in (error.context or [error])
+    ]
+    assert errors == []
+
+
+# (c) structure -----------------------------------------------------------------------------
+
+
+def test_uids_titles_and_file_names_are_stable() -> None:
+    titles = {uid: d["title"] for uid, d in DASHBOARDS.items()}
+    assert titles == {
+        "llm-overview": "LLM Overview",
+        "llm-performance": "LLM Performance",
+        "llm-resources": "LLM Resources",
+        "llm-models": "LLM Models",
+    }
+    files = sorted(p.name for p in generator.OUT_DIR.glob("*.json"))
+    assert files == sorted(f"{uid}.json" for uid in generator.UIDS)
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_the_variables(uid: str) -> None:
+    variables = {v["name"]: v for v in DASHBOARDS[uid]["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    provider, model = variables["provider"], variables["model"]
+    assert provider["query"] == "label_values(llm_provider_up, provider)"
+    assert model["query"] == 'label_values(llm_model_info{provider=~"$provider"}, model)'
+    for variable in (provider, model):
+        assert variable["type"] == "query"
+        assert variable["datasource"] == DATASOURCE
+        assert variable["multi"] is True and variable["includeAll"] is True
+    assert list(variables)[:2] == ["datasource", "provider"], "the datasource comes first"
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_every_panel_and_target_uses_the_datasource_variable(uid: str) -> None:
+    for panel in panels(DASHBOARDS[uid]):
+        assert panel["datasource"] == DATASOURCE, panel["title"]
+        assert panel["targets"], panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(set(ref_ids)) == len(ref_ids), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, panel["title"]
+            assert target["expr"].strip(), panel["title"]
+
+
+@pytest.mark.parametrize(("uid", "where", "expr"), every_query())
+def test_every_range_is_the_rate_interval(uid: str, where: str, expr: str) -> None:
+    ranges = RANGE.findall(expr)
+    assert all(r == "$__rate_interval" for r in ranges), f"{uid} {where}: {expr}"
+    assert len(RANGE_FUNCTION.findall(expr)) <= len(ranges), f"{uid} {where}: {expr}"
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_every_panel_has_a_unit(uid: str) -> None:
+    for panel in panels(DASHBOARDS[uid]):
+        assert panel["fieldConfig"]["defaults"].get("unit"), panel["title"]
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_panel_ids_are_unique_and_panels_fit_the_grid(uid: str) -> None:
+    everything = [p for item in DASHBOARDS[uid]["panels"] for p in (item, *item.get("panels", []))]
+    ids = [p["id"] for p in everything]
+    assert len(ids) == len(set(ids))
+    for panel in everything:
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel.get("title")
+
+
+def test_each_dashboard_links_to_the_other_three() -> None:
+    tagged = {uid for uid, d in DASHBOARDS.items() if "llm" in d["tags"]}
+    assert tagged == set(generator.UIDS)
+    for uid, dashboard in DASHBOARDS.items():
+        links = [link for link in dashboard["links"] if link["type"] == "dashboards"]
+        assert [link["tags"] for link in links] == [["llm"]], uid
+        assert links[0]["includeVars"] and links[0]["keepTime"], uid
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_firing_alerts_are_annotated(uid: str) -> None:
+    annotations = DASHBOARDS[uid]["annotations"]["list"]
+    alerts = [a for a in annotations if a.get("expr") == 'ALERTS{alertstate="firing"}']
+    assert len(alerts) == 1, uid
+    assert alerts[0]["datasource"] == DATASOURCE and alerts[0]["enable"] is True
+
+
+@pytest.mark.parametrize(("uid", "where", "expr"), every_query())
+def test_every_selector_is_filtered_by_provider_and_model(uid: str, where: str, expr: str) -> None:
+    if where == "variable provider":
+        return  # the list of providers itself
+    for name, matchers in SELECTOR.findall(expr):
+        labels = METRICS[base_name(name)][1]
+        if 'component="overall"' in matchers:
+            continue  # the overall verdict has provider="": it covers every provider
+        if "provider" in labels:
+            assert 'provider=~"$provider"' in matchers, f"{uid} {where}: {name} in {expr}"
+        if "model" in labels and not where.startswith("variable"):
+            assert 'model=~"$model"' in matchers, f"{uid} {where}: {name} in {expr}"
+
+
+def test_no_recording_rules_in_panels() -> None:
+    for uid, where, expr in every_query():
+        assert not re.search(r"\b[a-z_]+:[a-z_:]+", expr), f"{uid} {where}: {expr}"
+
+
+# (d) every metric is catalogued ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("uid", "where", "expr"), every_query())
+def test_every_metric_is_in_the_catalogue(uid: str, where: str, expr: str) -> None:
+    names = {base_name(name) for name in METRIC.findall(expr)}
+    assert names, f"{uid} {where}: no llm_ metric in {expr}"
+    assert sorted(names - set(METRICS)) == [], f"{uid} {where}: {expr}"
+
+
+def test_the_brief_metrics_are_all_on_a_dashboard() -> None:
+    used = {base_name(n) for _, _, expr in every_query() for n in METRIC.findall(expr)}
+    wanted = {
+        "llm_health_status", "llm_provider_up", "llm_provider_info", "llm_model_loaded",
+        "llm_tokens_total", "llm_probe_duration_seconds", "llm_provider_requests_total",
+        "llm_requests_running", "llm_requests_waiting", "llm_host_memory_used_bytes",
+        "llm_probe_time_to_first_token_seconds", "llm_time_to_first_token_seconds",
+        "llm_request_duration_seconds", "llm_probe_tokens_per_second",
+        "llm_probe_time_per_output_token_seconds", "llm_probe_requests_total",
+        "llm_host_cpu_usage_ratio", "llm_host_disk_used_bytes",
+        "llm_provider_process_resident_memory_bytes", "llm_provider_process_cpu_seconds_total",
+        "llm_provider_process_open_fds", "llm_gpu_memory_used_bytes", "llm_gpu_utilization_ratio",
+        "llm_gpu_temperature_celsius", "llm_gpu_power_watts", "llm_model_memory_bytes",
+        "llm_kv_cache_usage_ratio", "llm_slots", "llm_model_info", "llm_model_size_bytes",
+        "llm_model_context_tokens", "llm_model_load_duration_seconds",
+        "llm_model_expiry_timestamp_seconds",
+    }  # fmt: skip
+    assert sorted(wanted - used) == []
+
+
+# the helpers the integration test uses -----------------------------------------------------
+
+
+def test_panel_and_variable_queries_list_every_target() -> None:
+    for uid, dashboard in DASHBOARDS.items():
+        targets = sum(len(p["targets"]) for p in panels(dashboard))
+        queries = generator.panel_queries(dashboard)
+        assert len(queries) == targets > 0, uid
+        assert all(isinstance(t, str) and isinstance(e, str) for t, e in queries)
+        assert [name for name, _ in generator.variable_queries(dashboard)] == ["provider", "model"]
+
+
+def test_the_provisioning_matches_the_compose_mounts() -> None:
+    yaml = pytest.importorskip("yaml")
+    datasources = yaml.safe_load(
+        (ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    (source,) = datasources["datasources"]
+    assert (source["uid"], source["type"], source["url"], source["isDefault"]) == (
+        "prometheus",
+        "prometheus",
+        "http://prometheus:9090",
+        True,
+    )
+    providers = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/llm.yml").read_text())
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["folder"] == "LLM"
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
+def test_promtool_parses_every_query(tmp_path: Path) -> None:
+    """Each query, with the dashboard variables filled in, is PromQL that promtool accepts."""
+    rules = []
+    for index, (_, _, expr) in enumerate(every_query()):
+        if expr.startswith("label_values("):
+            continue
+        filled = (
+            expr.replace("$__rate_interval", "1m")
+            .replace("$provider", ".*")
+            .replace("$model", ".*")
+        )
+        rules.append({"record": f"dashboard_query_{index}", "expr": filled})
+    path = tmp_path / "queries.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
