@@ -31,9 +31,10 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-# promtool checks the exposition format; Prometheus and Alertmanager run in the bundle tests.
+# promtool checks the exposition and the rules; Prometheus and Alertmanager run in the bundle tests.
 system-deps:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1 \
+		|| ! command -v amtool >/dev/null 2>&1; then \
 		echo "installing Debian packages prometheus prometheus-alertmanager"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \

@@ -1,0 +1,428 @@
+"""The monitoring bundle end to end: real Prometheus and Alertmanager, the exporter, llama.cpp.
+
+One module-scoped stack: llama.cpp's own server, stand-ins for what cannot run here
+(Ollama, a recorded vLLM, an OpenAI-compatible API, a GPU), the exporter scraping them,
+Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is 2 s),
+and Alertmanager with the bundle's routing, every receiver pointed at a webhook here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import yaml
+from aiohttp import web
+
+from exporter.server import Exporter, create_app
+from llamacpp_server import LlamaCppServer, free_port
+from tests.helpers import config_of, provider_yaml
+from tests.standins import (
+    StandIn,
+    closed_port,
+    ollama_chat,
+    ollama_routes,
+    openai_routes,
+    sse_chat,
+    vllm_routes,
+)
+from tests.test_host import StandInNvml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS_DIR = ROOT / "prometheus"
+DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+JOB = "llm-exporter"
+T = TypeVar("T")
+
+
+class Loop:
+    """An asyncio loop in a thread, hosting the stand-ins, the exporter and the webhook."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on a free 127.0.0.1 port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    assert site._server is not None
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a server process with its output in a log file."""
+    with log.open("wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a process, kill it if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def wait_for(check: Any, what: str, seconds: float = 60, every: float = 0.25) -> Any:
+    """Poll check() until it returns something truthy (bounded in time and count)."""
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / every) + 1):
+        try:
+            value = check()
+        except httpx.TransportError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_copy_of_alerts(source: Path, target: Path, hold: str = "2s") -> None:
+    """The alert rules with every `for` shortened, so a test sees them fire in seconds."""
+    rules = yaml.safe_load(source.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule and "for" in rule:
+                rule["for"] = hold
+    target.write_text(yaml.safe_dump(rules, sort_keys=False))
+
+
+test_copy_of_alerts.__test__ = False  # type: ignore[attr-defined]
+
+
+def alertmanager_copy(source: Path, target: Path, webhook: str) -> None:
+    """The bundle's Alertmanager routing, every receiver sending to the test's webhook."""
+    config = yaml.safe_load(source.read_text())
+    config["receivers"] = [
+        {"name": r["name"], "webhook_configs": [{"url": webhook, "send_resolved": False}]}
+        for r in config["receivers"]
+    ]
+
+    def quicken(route: dict[str, Any]) -> None:
+        for key in ("group_wait", "group_interval"):
+            if key in route or route is config["route"]:
+                route[key] = "1s"
+        for child in route.get("routes", []):
+            quicken(child)
+
+    quicken(config["route"])
+    config.pop("templates", None)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@dataclass
+class Stack:
+    """The running bundle."""
+
+    prometheus: str
+    alertmanager: str
+    exporter: str
+    llama: LlamaCppServer
+    alerts: list[dict[str, Any]]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result vector (or matrix)."""
+        response = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", (expr, body)
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+    """Start everything; stop everything afterwards."""
+    work = tmp_path_factory.mktemp("bundle")
+    loop = Loop()
+    processes: list[subprocess.Popen[bytes]] = []
+    runners: list[web.AppRunner] = []
+    alerts: list[dict[str, Any]] = []
+    standins: list[StandIn] = []
+    exporter: Exporter | None = None
+    llama = LlamaCppServer(tiny_model, parallel=2)
+    try:
+        llama.start()
+        assert llama.pid is not None
+
+        async def bring_up() -> tuple[int, int]:
+            nonlocal exporter
+            chat = ollama_chat(
+                ("The", " sky", "."), first_load_ns=3_000_000_000, later_load_ns=4_000_000
+            )
+            api_chat = sse_chat(("Hello", " there", "!"))
+            for routes in (
+                ollama_routes(**{"/api/chat": chat}),
+                vllm_routes(metrics="vllm_metrics_after.txt"),
+                openai_routes(**{"/v1/chat/completions": api_chat}),
+            ):
+                standins.append(await StandIn(routes).start())
+            ollama, vllm, api = standins
+            probes = "{interval: 1s, jitter: 0, timeout: 1s, max_tokens: 8}"
+            config = config_of(
+                provider_yaml("local", "llamacpp", llama.url, probes=probes, process=f"{{port: {llama.port}}}"),
+                provider_yaml("ollama", "ollama", ollama.url, probes=probes),
+                provider_yaml("vllm", "vllm", vllm.url),
+                provider_yaml("api", "openai", f"{api.url}/v1", probes="{interval: 1s, jitter: 0, timeout: 1s, models: [gpt-4o-mini]}"),
+                provider_yaml("gone", "ollama", f"http://127.0.0.1:{closed_port()}", timeout="1s"),
+            )  # fmt: skip
+            exporter = Exporter(config, nvml=StandInNvml(llama.pid or 0))
+            runner, port = await serve(create_app(exporter))
+            runners.append(runner)
+
+            async def receive(request: web.Request) -> web.Response:
+                alerts.extend((await request.json())["alerts"])
+                return web.Response(text="ok")
+
+            hook = web.Application()
+            hook.router.add_post("/", receive)
+            hook_runner, hook_port = await serve(hook)
+            runners.append(hook_runner)
+            return port, hook_port
+
+        exporter_port, hook_port = loop.run(bring_up())
+        am_port, prom_port = free_port(), free_port()
+        rules = work / "rules"
+        rules.mkdir()
+        shutil.copy(PROMETHEUS_DIR / "rules" / "llm-recording.yml", rules)
+        test_copy_of_alerts(PROMETHEUS_DIR / "rules" / "llm-alerts.yml", rules / "llm-alerts.yml")
+        alertmanager_copy(
+            PROMETHEUS_DIR / "alertmanager.yml",
+            work / "alertmanager.yml",
+            f"http://127.0.0.1:{hook_port}/",
+        )
+        (work / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(rules / "*.yml")],
+                    "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+                    "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
+                }
+            )
+        )  # fmt: skip
+        processes.append(
+            start(
+                ["prometheus-alertmanager", f"--config.file={work / 'alertmanager.yml'}",
+                 f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
+                 "--cluster.listen-address="],
+                work / "alertmanager.log",
+            )
+        )  # fmt: skip
+        processes.append(
+            start(
+                ["prometheus", f"--config.file={work / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={work / 'prom-data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
+                 "--rules.alert.resend-delay=0s"],
+                work / "prometheus.log",
+            )
+        )  # fmt: skip
+        result = Stack(
+            f"http://127.0.0.1:{prom_port}",
+            f"http://127.0.0.1:{am_port}",
+            f"http://127.0.0.1:{exporter_port}",
+            llama,
+            alerts,
+        )
+        # Traffic, so the token rates move; then enough scrapes for every rate window.
+        for _ in range(3):
+            httpx.post(
+                f"{llama.url}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+                timeout=30,
+            ).raise_for_status()
+        wait_for(lambda: len(result.query("llm_provider_up")) == 5, "the first scrape", 40)
+        wait_for(
+            lambda: result.query(f"count_over_time(llm_provider_up{{provider='local'}}[{WINDOW}])")
+            and float(result.query(f"count_over_time(llm_provider_up{{provider='local'}}[{WINDOW}])")[0]["value"][1]) >= 12,
+            "12 scrapes",
+            40,
+        )  # fmt: skip
+        yield result
+    finally:
+        for process in processes:
+            stop(process)
+        llama.stop()
+
+        async def bring_down() -> None:
+            for runner in runners:
+                await runner.cleanup()
+            if exporter is not None:
+                await exporter.aclose()
+            for standin in standins:
+                await standin.close()
+
+        loop.run(bring_down())
+        loop.close()
+
+
+# The window substituted for $__rate_interval: four scrapes and more at 1 s.
+WINDOW = "15s"
+
+
+def substitute(expr: str) -> str:
+    """A panel query as Grafana would send it, with this stack's variable values."""
+    for name, value in (
+        ("__rate_interval", WINDOW),
+        ("__interval", "2s"),
+        ("__range", "30s"),
+        ("provider", ".+"),
+        ("model", ".+"),
+    ):
+        expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    return expr
+
+
+def documented_metrics() -> set[str]:
+    """Metric names in docs/metrics.md."""
+    return set(re.findall(r"^\| `([a-z_]+)` \|", (ROOT / "docs" / "metrics.md").read_text(), re.M))
+
+
+def named_metrics(expr: str) -> set[str]:
+    """The llm_ metric names an expression uses, histogram suffixes removed."""
+    names = set()
+    # A recorded series (provider:llm_tokens:rate5m) is not a metric the exporter serves.
+    for name in re.findall(r"(?<![:\w])llm_[a-z_]+(?![:\w])", expr):
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and name.removesuffix(suffix) in documented_metrics():
+                name = name.removesuffix(suffix)
+        names.add(name)
+    return names
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    """(rule name, expression) of every recording and alerting rule of the bundle."""
+    found = []
+    for file in sorted((PROMETHEUS_DIR / "rules").glob("*.yml")):
+        for group in yaml.safe_load(file.read_text())["groups"]:
+            for rule in group["rules"]:
+                found.append((rule.get("alert") or rule["record"], rule["expr"]))
+    return found
+
+
+def test_promtool_and_amtool_accept_the_bundle() -> None:
+    checks = [
+        ["promtool", "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
+        ["promtool", "check", "rules", *map(str, sorted((PROMETHEUS_DIR / "rules").glob("*.yml")))],
+        ["promtool", "test", "rules", *map(str, sorted((PROMETHEUS_DIR / "tests").glob("*.yml")))],
+        ["amtool", "check-config", str(PROMETHEUS_DIR / "alertmanager.yml")],
+    ]
+    for command in checks:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}{result.stderr}"
+
+
+def test_rules_and_dashboards_name_only_documented_metrics() -> None:
+    known = documented_metrics()
+    recorded = {name for name, _ in rule_expressions()}
+    for name, expr in rule_expressions():
+        unknown = named_metrics(expr) - known - recorded
+        assert not unknown, f"{name} names {unknown}"
+    for dashboard in DASHBOARDS:
+        for expr in re.findall(r'"expr": "((?:[^"\\]|\\.)*)"', dashboard.read_text()):
+            unknown = named_metrics(json.loads(f'"{expr}"')) - known
+            assert not unknown, f"{dashboard.name} names {unknown}"
+
+
+def test_every_rule_is_loaded_and_evaluates_ok(stack: Stack) -> None:
+    def evaluated() -> list[dict[str, Any]] | None:
+        groups = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        return (
+            rules
+            if all(rule.get("lastEvaluation", "").startswith("20") for rule in rules)
+            else None
+        )
+
+    rules = wait_for(evaluated, "every rule evaluated", 30)
+    assert {rule["name"] for rule in rules} == {name for name, _ in rule_expressions()}
+    bad = [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"]
+    assert bad == []
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel, expression) for every target of every panel, rows included."""
+    found = []
+    for file in DASHBOARDS:
+        dashboard = json.loads(file.read_text())
+        panels = list(dashboard.get("panels", []))
+        while panels:
+            panel = panels.pop(0)
+            panels.extend(panel.get("panels", []))
+            for target in panel.get("targets", []):
+                if target.get("expr"):
+                    found.append((file.stem, panel.get("title", ""), target["expr"]))
+    return found
+
+
+def test_every_dashboard_query_returns_data(stack: Stack) -> None:
+    assert len(DASHBOARDS) >= 4
+    empty = []
+    for dashboard, panel, expr in dashboard_queries():
+        if not stack.query(substitute(expr)):
+            empty.append(f"{dashboard} / {panel}: {expr}")
+    assert empty == []
+
+
+def test_every_variable_has_values(stack: Stack) -> None:
+    for file in DASHBOARDS:
+        for variable in json.loads(file.read_text()).get("templating", {}).get("list", []):
+            if variable.get("type") != "query":
+                continue
+            query = variable.get("query")
+            query = query.get("query", "") if isinstance(query, dict) else query
+            match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query.strip())
+            assert match, f"{file.name}: {variable['name']}: {query}"
+            selector, label = substitute(match.group(1)), match.group(2)
+            series = httpx.get(
+                f"{stack.prometheus}/api/v1/series", params={"match[]": selector}, timeout=10
+            ).json()["data"]
+            assert {s[label] for s in series if label in s}, f"{file.name}: {variable['name']}"
+
+
+def test_provider_down_alert_reaches_the_webhook(stack: Stack) -> None:
+    """Last: it stops llama.cpp. The alert goes through the real Alertmanager."""
+    stack.llama.stop()
+
+    def provider_down() -> dict[str, Any] | None:
+        for alert in list(stack.alerts):
+            labels = alert["labels"]
+            if labels.get("alertname") == "LLMProviderDown" and labels.get("provider") == "local":
+                return alert
+        return None
+
+    alert = wait_for(provider_down, "LLMProviderDown for local at the webhook", 60)
+    assert alert["status"] == "firing"
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"]
+    assert alert["annotations"]["runbook_url"].endswith("#llmproviderdown")
+    assert "local" in alert["annotations"]["description"]
