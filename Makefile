@@ -47,6 +47,7 @@ vllm:
 
 bench: $(STAMP)
 	$(BIN)/python bench/scrape.py
+	$(BIN)/python bench/probes.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -252,9 +252,12 @@ class ProviderClient:
         # may have closed meanwhile (llama-server does when its threads are busy); a new
         # connection per probe costs little at probe rates.
         if self._stream_session is None:
+            tracing = aiohttp.TraceConfig()
+            tracing.on_request_headers_sent.append(_note_sent)
             self._stream_session = self._new_session(
                 aiohttp.TCPConnector(limit=20, force_close=True, ssl=self._ssl),
                 aiohttp.ClientTimeout(sock_connect=self.timeout),
+                tracing,
             )
         return self._stream_session
 
@@ -316,10 +319,13 @@ class ProviderClient:
         """
 
         async def run() -> tuple[T, str]:
-            started = self._clock()
+            sending = _Sending(self._clock)
             try:
                 async with self._open_for_streams().post(
-                    self._base_url + endpoint, json=body, allow_redirects=False
+                    self._base_url + endpoint,
+                    json=body,
+                    allow_redirects=False,
+                    trace_request_ctx=sending,
                 ) as response:
                     if response.status not in OK_STATUSES:
                         raise ProviderError(
@@ -327,6 +333,9 @@ class ProviderClient:
                             f"HTTP {response.status}",
                             endpoint=endpoint,
                         )
+                    # Timed from the request on the wire: the fresh connection's setup is not
+                    # the model's time to first token.
+                    started = sending.sent if sending.sent is not None else self._clock()
                     stream = Stream(endpoint, response, started, self._clock, self._max_body)
                     try:
                         return await consume(stream), SUCCESS
@@ -433,6 +442,22 @@ class ProviderClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _Sending:
+    """When a request's headers went out."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.sent: float | None = None
+
+
+async def _note_sent(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    sending = context.trace_request_ctx
+    if isinstance(sending, _Sending):
+        sending.sent = sending.clock()
 
 
 class _Attempts:
