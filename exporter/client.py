@@ -1,4 +1,4 @@
-"""HTTP calls to one provider: limits, classification, one retry, and request accounting."""
+"""HTTP calls to one provider: time and size limits, failure classes, and request accounting."""
 
 from __future__ import annotations
 
@@ -45,23 +45,27 @@ class Buckets:
     """A histogram being filled: upper bounds, per-bucket counts (the last for +Inf) and sum."""
 
     bounds: tuple[float, ...] = DURATION_BUCKETS
-    counts: list[int] = field(default_factory=list)
+    counts: list[int] = field(init=False)
     total: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    @property
+    def observed(self) -> int:
+        """How many values were observed."""
+        return sum(self.counts)
+
     def observe(self, value: float) -> None:
-        """Count one observation."""
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
+        """Count one observation (le: a value equal to a bound falls in that bound's bucket)."""
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def data(self) -> HistogramData:
         """The cumulative form the renderer takes."""
-        counts = self.counts or [0] * (len(self.bounds) + 1)
         bounds = (*self.bounds, math.inf)
-        return HistogramData(
-            tuple(zip(bounds, map(float, accumulate(counts)), strict=True)), self.total
-        )
+        cumulative = map(float, accumulate(self.counts))
+        return HistogramData(tuple(zip(bounds, cumulative, strict=True)), self.total)
 
 
 @dataclass

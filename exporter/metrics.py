@@ -227,7 +227,7 @@ def _probes(out: _Families, stats: ProbeStats) -> None:
         out.histogram(
             "llm_probe_time_per_output_token_seconds", labels, probe.time_per_output_token.data()
         )
-        if probe.load_duration.counts:
+        if probe.load_duration.observed:
             out.histogram("llm_model_load_duration_seconds", labels, probe.load_duration.data())
         out.add("llm_probe_tokens_total", [*labels, "input"], probe.input_tokens)
         out.add("llm_probe_tokens_total", [*labels, "output"], probe.output_tokens)
