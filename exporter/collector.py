@@ -101,7 +101,7 @@ class Collector:
         budget = deadline if deadline is not None else self.config.global_.scrape_timeout
         tasks = [self._collect_one(p, budget) for p in self.providers]
         collected, resources = await asyncio.gather(
-            asyncio.gather(*tasks), asyncio.to_thread(self._read_resources)
+            asyncio.gather(*tasks), self._resources_within(budget)
         )
         results = tuple(
             ProviderResult(
@@ -139,6 +139,15 @@ class Collector:
                 failure.message,
             )
         return ProviderResult(config, snapshot, duration)
+
+    async def _resources_within(self, budget: float) -> Resources:
+        # psutil blocks, and a hung network mount can block it for good: read in a thread,
+        # and leave the resources out of this scrape rather than miss the deadline.
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._read_resources), budget)
+        except TimeoutError:
+            log.warning("host resources not read within %gs: left out of this scrape", budget)
+            return Resources(host=None, processes={}, gpus=())
 
     def _read_resources(self) -> Resources:
         processes = {}

@@ -200,3 +200,27 @@ def test_no_nvml_means_no_gpu_series_and_one_info_line(caplog: pytest.LogCapture
     assert reader.read() == ()
     messages = [r for r in caplog.records if "GPU" in r.getMessage()]
     assert len(messages) == 1 and messages[0].levelno == logging.INFO
+
+
+async def test_hung_disk_read_leaves_host_series_out_not_the_scrape() -> None:
+    """A hung network mount blocks psutil; the scrape still answers within its deadline."""
+    import psutil
+
+    class HungMount:
+        """psutil, except that disk_usage hangs like a dead NFS mount."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(psutil, name)
+
+        def disk_usage(self, path: str) -> Any:
+            time.sleep(3)
+            return psutil.disk_usage(path)
+
+    config = config_of(rest="global:\n  scrape_timeout: 1s\n  scrape_timeout_margin: 100ms\n")
+    async with running(config, ps=HungMount()) as exporter:
+        started = time.monotonic()
+        scrape = await exporter.scrape()
+        elapsed = time.monotonic() - started
+    assert scrape.value("llm_host_memory_total_bytes") is None
+    assert scrape.value("llm_exporter_build_info") == 1
+    assert elapsed < 2.5
