@@ -51,6 +51,7 @@ class ProbeModel:
 
     name: str
     allow_load: bool = False
+    interval: float | None = None  # its own schedule; None: the provider's probes.interval
 
 
 @dataclass(frozen=True)
@@ -480,6 +481,7 @@ def _probe_model(node: yaml.Node, path: str, file: str) -> ProbeModel:
     model = ProbeModel(
         name=reader.required("name", _string),
         allow_load=reader.scalar("allow_load", _bool, False),
+        interval=reader.scalar("interval", _duration, None),
     )
     reader.finish()
     return model

@@ -1,9 +1,10 @@
 """Synthetic probes: small streamed generations on a schedule, and what they measured.
 
-Each provider with a `probes` section gets one loop that wakes every interval
-(with jitter), picks its models (by default only loaded ones: a probe must not
-force a load unless a model allows it) and probes them, at most
-global.probe_concurrency at a time across all providers.
+Each provider with a `probes` section gets a loop that wakes every interval (with
+jitter), picks its models (by default only loaded ones: a probe must not force a
+load unless a model allows it) and probes them; a model with an interval of its
+own gets a loop of its own. At most global.probe_concurrency probes run at once
+across all providers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .client import DURATION_BUCKETS, Buckets
 from .config import Config, ProbeConfig, ProviderConfig
@@ -100,6 +101,20 @@ class ProbeStats:
             del self.models[key]
 
 
+def schedules(probes: ProbeConfig) -> list[ProbeConfig]:
+    """A provider's probes split by schedule: one for each model with an interval of its own,
+    and one for the rest (or for every loaded model when none is listed)."""
+    split = [
+        replace(probes, models=(m,), interval=m.interval, timeout=min(probes.timeout, m.interval))
+        for m in probes.models
+        if m.interval is not None
+    ]
+    rest = tuple(m for m in probes.models if m.interval is None)
+    if rest or not probes.models:
+        split.append(replace(probes, models=rest))
+    return split
+
+
 def targets(probes: ProbeConfig, models: tuple[ModelSnapshot, ...] | None) -> list[str]:
     """The models to probe now: the listed ones that are loaded (or may be loaded), or every loaded one."""
     loaded = {m.name for m in models or () if m.loaded is not False}
@@ -132,10 +147,10 @@ class ProbeRunner:
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Start a loop for every provider that has probes."""
+        """Start a loop for every schedule of every provider that has probes."""
         for provider in self.config.providers:
-            if provider.probes is not None:
-                self.tasks.append(asyncio.create_task(self._loop(provider, provider.probes)))
+            for probes in schedules(provider.probes) if provider.probes is not None else ():
+                self.tasks.append(asyncio.create_task(self._loop(provider, probes)))
 
     async def stop(self) -> None:
         """Cancel every loop and wait for them."""
@@ -147,7 +162,7 @@ class ProbeRunner:
         self.tasks.clear()
 
     async def _loop(self, provider: ProviderConfig, probes: ProbeConfig) -> None:
-        # Start within the first jitter window, so that providers do not probe in step.
+        # Start within the first jitter window, so that schedules do not probe in step.
         await asyncio.sleep(self.rng.uniform(0, probes.jitter * probes.interval))
         while True:
             try:

@@ -560,11 +560,16 @@ def test_probes_defaults_and_models() -> None:
         "      models:",
         "        - llama3.2",
         "        - {name: qwen2.5:7b, allow_load: true}",
+        "        - {name: phi3, interval: 5m}",
         "      interval: 10s",
     )
     (p,) = parse_config(text).providers
     assert p.probes == ProbeConfig(
-        models=(ProbeModel("llama3.2"), ProbeModel("qwen2.5:7b", allow_load=True)),
+        models=(
+            ProbeModel("llama3.2"),
+            ProbeModel("qwen2.5:7b", allow_load=True),
+            ProbeModel("phi3", interval=300.0),
+        ),
         interval=10.0,
         timeout=10.0,  # not set: the default 30s would exceed the interval
     )

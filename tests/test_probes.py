@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from exporter.config import ProbeConfig, ProbeModel
-from exporter.probes import targets
+from exporter.probes import schedules, targets
 from exporter.providers.base import ModelSnapshot, ProbeSpec
 from llamacpp_server import LlamaCppServer
 from tests.helpers import Running, Scrape, config_of, parse, provider_yaml, running
@@ -197,3 +197,35 @@ def test_targets_never_force_a_load_unless_allowed() -> None:
     capped = ProbeConfig(max_models=2)
     many = tuple(ModelSnapshot(f"m{i}", loaded=True) for i in range(5))
     assert targets(capped, many) == ["m0", "m1"]
+
+
+def test_a_model_with_its_own_interval_gets_its_own_schedule() -> None:
+    fast, slow = ProbeModel("fast", interval=5.0), ProbeModel("slow")
+    probes = ProbeConfig(models=(fast, slow), interval=60.0, timeout=30.0)
+    assert schedules(probes) == [
+        ProbeConfig(models=(fast,), interval=5.0, timeout=5.0),
+        ProbeConfig(models=(slow,), interval=60.0, timeout=30.0),
+    ]
+    only_own = ProbeConfig(models=(fast,))
+    # No leftover schedule: it would probe every loaded model, which nobody asked for.
+    assert schedules(only_own) == [ProbeConfig(models=(fast,), interval=5.0, timeout=5.0)]
+    assert schedules(ProbeConfig()) == [ProbeConfig()]
+
+
+async def test_each_schedule_runs_on_its_own_interval() -> None:
+    chat = sse_chat(("Hello", "!"))
+    routes = openai_routes(**{"/v1/chat/completions": chat})
+    async with StandIn(routes) as server:
+        models = "[{name: gpt-4o-mini, interval: 200ms}, text-embedding-3-small]"
+        flow = f"{{interval: 1h, jitter: 0, timeout: 5s, models: {models}}}"
+        config = config_of(provider_yaml("api", "openai", f"{server.url}/v1", probes=flow))
+        async with running(config) as exporter:
+            fast = 0.0
+            for _ in range(100):  # until the fast model has been probed 4 times (bounded)
+                scrape = await exporter.scrape()
+                fast = scrape.value("llm_probe_requests_total", model="gpt-4o-mini") or 0
+                if fast >= 4:
+                    break
+                await asyncio.sleep(0.1)
+    assert fast >= 4
+    assert scrape.value("llm_probe_requests_total", model="text-embedding-3-small") == 1
