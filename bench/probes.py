@@ -42,10 +42,9 @@ from scrape import (
     START_TIMEOUT,
     Processes,
     cpu_seconds,
-    free_port,
     get,
     read_ports,
-    wait_ready,
+    start_exporter,
 )
 
 # What every streamed answer carries: 8 content chunks, then the usage chunk, then [DONE].
@@ -307,22 +306,8 @@ def write_config(
 @contextmanager
 def exporter(procs: Processes, workdir: Path, name: str, config: Path) -> Iterator[tuple[int, int]]:
     """Run `python -m exporter` on a free 127.0.0.1 port until the block ends: (pid, port)."""
-    port = free_port()
-    log_path = workdir / f"{name}.log"
-    with log_path.open("w") as log:
-        proc = procs.start(
-            [
-                "-m",
-                "exporter",
-                "--config.file",
-                str(config),
-                "--web.listen-address",
-                f"127.0.0.1:{port}",
-            ],
-            stderr=log,
-        )
+    proc, port = start_exporter(procs, config, workdir / f"{name}.log")
     try:
-        wait_ready(proc, port, log_path)
         yield proc.pid, port
     finally:
         procs.stop(proc)

@@ -290,6 +290,21 @@ def wait_ready(proc: subprocess.Popen[str], port: int, log: Path) -> None:
     raise RuntimeError(f"exporter not ready within {START_TIMEOUT:g}s:\n{log.read_text()[-2000:]}")
 
 
+def start_exporter(
+    procs: Processes, config: Path, log_path: Path
+) -> tuple[subprocess.Popen[str], int]:
+    """Start `python -m exporter` on a free 127.0.0.1 port and wait until it is ready."""
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = procs.start(
+            ["-m", "exporter", "--config.file", str(config),
+             "--web.listen-address", f"127.0.0.1:{port}"],
+            stderr=log,
+        )  # fmt: skip
+    wait_ready(proc, port, log_path)
+    return proc, port
+
+
 @contextmanager
 def scraper(port: int) -> Iterator[http.client.HTTPConnection]:
     """A connection kept alive between scrapes when the server allows it, as Prometheus does."""
@@ -363,23 +378,9 @@ def measure(
     providers = len(ports)
     config = workdir / f"providers-{providers}.yml"
     write_config(config, ports)
-    port = free_port()
-    log_path = workdir / f"exporter-{providers}.log"
-    with log_path.open("w") as log:
-        exporter = procs.start(
-            [
-                "-m",
-                "exporter",
-                "--config.file",
-                str(config),
-                "--web.listen-address",
-                f"127.0.0.1:{port}",
-            ],
-            stderr=log,
-        )
+    exporter, port = start_exporter(procs, config, workdir / f"exporter-{providers}.log")
     floor_proc: subprocess.Popen[str] | None = None
     try:
-        wait_ready(exporter, port, log_path)
         with scraper(port) as conn:
             scrape(conn, plan.warmup, plan.warmup_budget)
         status, body = get(port, "/metrics", PLAIN_HEADERS)
