@@ -186,7 +186,9 @@ class LlamaCppServer:
                 stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a terminal Ctrl-C goes to the test run, which stops us
+                # Own process group, so a terminal Ctrl-C goes to the test run, which stops us;
+                # same session, so the same scheduler autogroup (see vllm_server.py).
+                process_group=0,
             )
         except OSError:
             self.stop()
