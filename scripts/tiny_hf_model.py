@@ -18,9 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-RECIPE = "tiny-llama-wordlevel-v2"
+RECIPE = "tiny-llama-wordlevel-v3"
 MARKER = ".tiny_hf_model_complete"
 SEED = 1234
+# Long enough for requests that keep a one-at-a-time server busy for seconds.
+MAX_CONTEXT = 2048
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 # Readable lower-case words (input is lower-cased), so streamed chunks are whole words.
@@ -86,7 +88,7 @@ def write_tokenizer(outdir: Path, vocab: dict[str, int]) -> None:
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 256,
+        "model_max_length": MAX_CONTEXT,
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "chat_template": CHAT_TEMPLATE,
@@ -122,7 +124,7 @@ def write_model(outdir: Path, vocab: dict[str, int]) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,  # head size 32: vLLM's CPU attention needs at least 32
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=MAX_CONTEXT,
         bos_token_id=vocab["<s>"],
         eos_token_id=vocab["</s>"],
         pad_token_id=vocab["<pad>"],

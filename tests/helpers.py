@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -103,26 +103,36 @@ async def running(config: Config, **options: Any) -> AsyncIterator[Running]:
 
 
 async def watch_queue(
-    exporter: Running, provider: str, requests: list[asyncio.Task[T]], enough: float
-) -> tuple[float, float, list[T]]:
-    """Scrape while requests run: the most running and waiting seen, and the requests' results.
+    exporter: Running,
+    provider: str,
+    requests: list[asyncio.Task[T]],
+    until: Callable[[float, float], bool],
+) -> list[tuple[float, float]]:
+    """Scrape while requests run, and return every (running, waiting) pair seen.
 
-    Stops looking once `enough` requests were seen waiting, or after 60 s.
+    Stops at the first scrape where `until(running, waiting)` holds, once every request has
+    finished, or after 60 s; then cancels the requests still running (a request that failed
+    fails the test). A server passes through other states on the way, such as requests that
+    arrived but are not yet scheduled, so a test looks for the state it expects among all seen.
     """
-    seen_running = seen_waiting = 0.0
+    seen: list[tuple[float, float]] = []
     deadline = time.monotonic() + 60
     try:
-        for _ in range(1000):
+        for _ in range(2000):
             scrape = await exporter.scrape()
-            running_now = scrape.value("llm_requests_running", provider=provider) or 0
-            waiting_now = scrape.value("llm_requests_waiting", provider=provider) or 0
-            seen_running, seen_waiting = (
-                max(seen_running, running_now),
-                max(seen_waiting, waiting_now),
+            pair = (
+                scrape.value("llm_requests_running", provider=provider) or 0,
+                scrape.value("llm_requests_waiting", provider=provider) or 0,
             )
-            if seen_waiting >= enough or time.monotonic() > deadline:
+            seen.append(pair)
+            if until(*pair) or all(r.done() for r in requests) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.02)
     finally:
-        results = await asyncio.gather(*requests)
-    return seen_running, seen_waiting, list(results)
+        for request in requests:
+            request.cancel()
+        outcomes = await asyncio.gather(*requests, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    return seen

@@ -21,7 +21,11 @@ def vllm() -> Iterator[VllmServer]:
     """vLLM serving the tiny Llama as "tiny", with room for 4 running requests: more must wait."""
     python, model_dir = ensure_vllm(ROOT)
     server = VllmServer(
-        model_dir, venv=python.parent.parent, max_num_seqs=4, kv_cache_memory_bytes=2_097_152
+        model_dir,
+        venv=python.parent.parent,
+        max_num_seqs=4,
+        max_model_len=2048,
+        kv_cache_memory_bytes=8 * 1024 * 1024,  # four 1,000-token requests fit, eight do not
     )
     with server:
         yield server
@@ -68,7 +72,7 @@ async def test_counters_and_histograms_equal_vllms_own(vllm: VllmServer) -> None
     tiny = {"provider": "vllm", "model": "tiny"}
     assert first.value("llm_provider_up", provider="vllm", kind="vllm") == 1
     assert first.value("llm_model_loaded", **tiny) == 1
-    assert first.value("llm_model_context_tokens", **tiny) == 256
+    assert first.value("llm_model_context_tokens", **tiny) == 2048
     assert (
         (after.value("llm_tokens_total", type="output", **tiny) or 0)
         - (first.value("llm_tokens_total", type="output", **tiny) or 0)
@@ -91,14 +95,19 @@ async def test_counters_and_histograms_equal_vllms_own(vllm: VllmServer) -> None
 
 
 async def test_waiting_series_shows_the_queue(vllm: VllmServer) -> None:
-    """Eight long requests on a server that runs four at a time: four wait, and the exporter shows it."""
+    """Eight long requests on a server that runs four at a time: four wait, and the exporter shows it.
+
+    The tiny model runs four 200-token requests in well under a second, so the requests ask for
+    1,000 tokens: the queue then lasts seconds, and they are cancelled once it has been seen.
+    """
     config = config_of(provider_yaml("vllm", "vllm", vllm.url))
     async with (
         running(config) as exporter,
         httpx.AsyncClient(base_url=vllm.url, timeout=120) as client,
     ):
-        requests = [asyncio.create_task(chat(client, max_tokens=200)) for _ in range(8)]
-        seen_running, seen_waiting, usages = await watch_queue(exporter, "vllm", requests, enough=4)
-    assert all(u["completion_tokens"] == 200 for u in usages)
-    assert seen_running == 4
-    assert seen_waiting == 4
+        requests = [asyncio.create_task(chat(client, max_tokens=1000)) for _ in range(8)]
+        seen = await watch_queue(
+            exporter, "vllm", requests, until=lambda running, waiting: (running, waiting) == (4, 4)
+        )
+    assert (4, 4) in seen, seen
+    assert max(running for running, _ in seen) <= 4, seen
