@@ -21,7 +21,7 @@ from pathlib import Path
 RECIPE = "tiny-llama-wordlevel-v3"
 MARKER = ".tiny_hf_model_complete"
 SEED = 1234
-# Long enough for requests that keep a one-at-a-time server busy for seconds.
+# Room for 1,000-token answers, which keep the tiny model busy for seconds (queue tests).
 MAX_CONTEXT = 2048
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]

@@ -25,7 +25,7 @@ def vllm() -> Iterator[VllmServer]:
         venv=python.parent.parent,
         max_num_seqs=4,
         max_model_len=2048,
-        kv_cache_memory_bytes=8 * 1024 * 1024,  # four 1,000-token requests fit, eight do not
+        kv_cache_memory_bytes=8 * 1024 * 1024,  # room for four running 1,000-token requests
     )
     with server:
         yield server
