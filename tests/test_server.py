@@ -8,7 +8,7 @@ from pathlib import Path
 from exporter.config import load_config
 from exporter.server import scrape_deadline
 from tests.helpers import config_of, parse, provider_yaml, running
-from tests.standins import StandIn, closed_port, ollama_routes
+from tests.standins import StandIn, closed_port, delayed, json_reply, ollama_routes
 
 NO_HOST = "host:\n  enabled: false\n"
 
@@ -30,11 +30,13 @@ async def test_health_is_healthy_json_with_every_component() -> None:
 
 async def test_health_is_503_when_unhealthy_and_200_when_degraded() -> None:
     dead = provider_yaml("dead", "ollama", f"http://127.0.0.1:{closed_port()}")
-    async with StandIn(ollama_routes()) as server:
+    # A known 50 ms answer against a 20 ms threshold: degraded on any machine, however fast.
+    slow_version = delayed(0.05, json_reply({"version": "0.5.1"}))
+    async with StandIn(ollama_routes(**{"/api/version": slow_version})) as server:
         alive = provider_yaml("alive", "ollama", server.url)
         async with running(config_of(dead, rest=NO_HOST)) as exporter:
             unhealthy = await exporter.http.get("/health")
-        slow = "health:\n  response_time: {degraded: 1ms, unhealthy: 10s}\n"
+        slow = "health:\n  response_time: {degraded: 20ms, unhealthy: 10s}\n"
         async with running(config_of(alive, rest=NO_HOST + slow)) as exporter:
             degraded = await exporter.http.get("/health")
             scrape = await exporter.scrape()
