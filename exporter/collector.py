@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -58,6 +58,13 @@ class Collection:
     resources: Resources
     health: HealthReport
     finished_at: float
+
+
+def bounded(snapshot: ProviderSnapshot, max_models: int) -> ProviderSnapshot:
+    """The snapshot with at most max_models models and engines: model labels stay bounded."""
+    return replace(
+        snapshot, models=snapshot.models[:max_models], engines=snapshot.engines[:max_models]
+    )
 
 
 class Collector:
@@ -119,7 +126,10 @@ class Collector:
         DEADLINE.set(started + timeout)
         try:
             # The client keeps every request inside the deadline; this only guards the adapter.
-            snapshot = await asyncio.wait_for(provider.snapshot(), timeout + GUARD_SECONDS)
+            snapshot = bounded(
+                await asyncio.wait_for(provider.snapshot(), timeout + GUARD_SECONDS),
+                config.max_models,
+            )
         except TimeoutError:
             failure = Failure("", FailureClass.TIMEOUT, f"no complete answer within {timeout:g}s")
             snapshot = ProviderSnapshot(up=False, failures=(failure,))

@@ -128,7 +128,7 @@ class LlamaCppProvider:
             ready=True,
             version=text(props.get("build_info")),
             response_time_seconds=seconds,
-            models=tuple(models[: self.config.max_models]),
+            models=tuple(models),
             engines=engines,
         )
 

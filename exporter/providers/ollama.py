@@ -165,7 +165,7 @@ class OllamaProvider:
             ready=True,
             version=name,
             response_time_seconds=seconds,
-            models=tuple(_merge(on_disk or [], in_memory or [])[: self.config.max_models]),
+            models=tuple(_merge(on_disk or [], in_memory or [])),
         )
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:

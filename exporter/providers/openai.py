@@ -58,7 +58,7 @@ class OpenAIProvider:
             up=True,
             ready=True,
             response_time_seconds=seconds,
-            models=tuple(models[: self.config.max_models]),
+            models=tuple(models),
         )
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:

@@ -141,8 +141,8 @@ class VllmProvider:
             ready=True,
             version=version or "",
             response_time_seconds=seconds,
-            models=tuple((models or [])[: self.config.max_models]),
-            engines=tuple((engines or [])[: self.config.max_models]),
+            models=tuple(models or []),
+            engines=tuple(engines or []),
         )
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
