@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +53,35 @@ PM = 'provider=~"$provider", model=~"$model"'
 GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
 UP_DOWN = ((1, "up"), (0, "down"))
 LOADED = ((1, "loaded"), (0, "on disk"))
+# Grafana has no token unit; a custom suffix shows "42.1 tokens/s".
+TOKENS_PER_SECOND = "suffix:tokens/s"
+
+
+# --- thresholds ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    """Where a stat of the status bar changes colour, taken from the alert on the same number.
+
+    Orange from the threshold of `alert` in prometheus/rules/llm-alerts.yml (a warning);
+    red, if any, from the default `unhealthy` level of the exporter's `health.<health>`
+    setting (exporter/config.py), where /health calls it unhealthy. tests/test_dashboards.py
+    reads both files and fails when a number here differs from them.
+    """
+
+    alert: str
+    warning: float
+    health: str | None = None
+    unhealthy: float | None = None
+
+
+# One entry per coloured stat, by panel title: change a threshold here and in the rules.
+LEVELS: dict[str, Level] = {
+    "p95 probe latency": Level("LLMProbeLatencyHigh", 10.0, "probe_duration", 30.0),
+    "Exporter error ratio": Level("LLMProviderErrorRatioHigh", 0.10),
+    "Host memory used": Level("LLMHostMemoryHigh", 0.90, "memory_ratio", 0.97),
+}
 
 
 # --- queries -------------------------------------------------------------------------------
@@ -112,6 +142,15 @@ def thresholds(base: str, *steps: tuple[float, str]) -> builders.ThresholdsConfi
             + [models.Threshold(value=value, color=color) for value, color in steps]
         )
     )
+
+
+def alert_thresholds(title: str) -> builders.ThresholdsConfig:
+    """Green, orange from the alert's threshold, red from /health's unhealthy level (LEVELS)."""
+    level = LEVELS[title]
+    steps = [(level.warning, ORANGE)]
+    if level.unhealthy is not None:
+        steps.append((level.unhealthy, RED))
+    return thresholds(GREEN, *steps)
 
 
 def value_map(*entries: tuple[str, str, str]) -> list[models.ValueMapping]:
@@ -376,21 +415,29 @@ def overview() -> builders.Dashboard:
     )
     up = stat_panel(
         "Providers up",
-        "Providers answering their status endpoint, out of those watched.",
+        "Providers answering their status endpoint, out of those watched: red when none "
+        "answers (LLMProviderDown fires for each provider down).",
         "short",
         [
             query(f"sum(llm_provider_up{{{P}}})", "up", ref="A"),
             query(f"count(llm_provider_up{{{P}}})", "watched", ref="B"),
         ],
         w=3,
-    ).color_mode(common.BigValueColorMode.NONE)
+    ).thresholds(thresholds(RED, (1, GREEN)))
+    # Ollama reports no token counters: for a provider without them, the generation speed
+    # of its last probes (averaged over its models) stands in.
+    generated = f'llm_tokens_total{{{PM}, type="output"}}'
     tokens = stat_panel(
         "Output tokens/s",
-        "Tokens the providers generated per second (llama.cpp and vLLM report them).",
-        "short",
+        "Tokens the providers generated per second (llama.cpp and vLLM count them). For a "
+        "provider that counts none (Ollama), the speed of its last synthetic probes stands in: "
+        "what one request gets, not its throughput.",
+        TOKENS_PER_SECOND,
         [
             query(
-                f'sum(rate(llm_tokens_total{{{PM}, type="output"}}[{RATE}]))',
+                f"sum(sum by (provider) (rate({generated}[{RATE}]))"
+                f" or (avg by (provider) (llm_probe_tokens_per_second{{{PM}}})"
+                f" unless on (provider) {generated}))",
                 "output tokens/s",
             )
         ],
@@ -398,14 +445,16 @@ def overview() -> builders.Dashboard:
     ).color_mode(common.BigValueColorMode.NONE)
     latency = stat_panel(
         "p95 probe latency",
-        "95th percentile of the synthetic probes' total duration, over every selected model.",
+        "95th percentile of the synthetic probes' total duration, over every selected model: "
+        "orange where LLMProbeLatencyHigh fires, red where /health calls it unhealthy.",
         "s",
         [query(quantile(0.95, "llm_probe_duration_seconds", by=""), "p95")],
         w=3,
-    ).thresholds(thresholds(GREEN, (5, ORANGE), (20, RED)))
+    ).thresholds(alert_thresholds("p95 probe latency"))
     errors = stat_panel(
         "Exporter error ratio",
-        "Share of the exporter's requests to the providers that failed (any outcome but success).",
+        "Share of the exporter's requests to the providers that failed (any outcome but success): "
+        "orange where LLMProviderErrorRatioHigh fires.",
         "percentunit",
         [
             query(
@@ -415,7 +464,7 @@ def overview() -> builders.Dashboard:
             )
         ],
         w=3,
-    ).thresholds(thresholds(GREEN, (0.01, ORANGE), (0.1, RED)))
+    ).thresholds(alert_thresholds("Exporter error ratio"))
     queue = stat_panel(
         "Requests running / waiting",
         "Requests the providers are processing now, and those queued (llama.cpp and vLLM).",
@@ -428,11 +477,12 @@ def overview() -> builders.Dashboard:
     ).color_mode(common.BigValueColorMode.NONE)
     memory = stat_panel(
         "Host memory used",
-        "Share of the host's memory in use, per exporter host.",
+        "Share of the host's memory in use, per exporter host: orange where LLMHostMemoryHigh "
+        "fires, red where /health calls it unhealthy.",
         "percentunit",
         [query("llm_host_memory_used_bytes / llm_host_memory_total_bytes", "{{instance}}")],
         w=4,
-    ).thresholds(thresholds(GREEN, (0.8, ORANGE), (0.95, RED)))
+    ).thresholds(alert_thresholds("Host memory used"))
     providers = merge_table(
         "Providers",
         "Each provider: up or down, its kind and version, and how many models it has loaded.",
@@ -524,7 +574,7 @@ def performance() -> builders.Dashboard:
             series_panel(
                 "Probe generation speed (tokens/s)",
                 "Output tokens after the first per second, in the last successful probe of each model.",
-                "short",
+                TOKENS_PER_SECOND,
                 [query(f"llm_probe_tokens_per_second{{{PM}}}", per_model)],
             )
         )
@@ -550,7 +600,7 @@ def performance() -> builders.Dashboard:
             series_panel(
                 "Tokens/s by type",
                 "Tokens the providers processed per second: input (prompt tokens evaluated) and output (generated).",
-                "short",
+                TOKENS_PER_SECOND,
                 [
                     query(
                         f"sum by (provider, model, type) (rate(llm_tokens_total{{{PM}}}[{RATE}]))",

@@ -341,6 +341,21 @@ def test_promtool_and_amtool_accept_the_bundle() -> None:
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}{result.stderr}"
 
 
+def test_every_alert_has_for_severity_annotations_and_a_runbook_section() -> None:
+    headings = set(re.findall(r"^## (\w+)$", (ROOT / "docs" / "runbooks.md").read_text(), re.M))
+    rules = yaml.safe_load((PROMETHEUS_DIR / "rules" / "llm-alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+    assert alerts
+    for rule in alerts:
+        name = rule["alert"]
+        assert rule.get("for"), name
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        annotations = rule["annotations"]
+        assert "{{" not in annotations["summary"] and "{{" in annotations["description"], name
+        assert name in headings, f"docs/runbooks.md has no section for {name}"
+        assert annotations["runbook_url"].endswith(f"/docs/runbooks.md#{name.lower()}"), name
+
+
 def test_rules_and_dashboards_name_only_documented_metrics() -> None:
     known = documented_metrics()
     recorded = {name for name, _ in rule_expressions()}
@@ -407,6 +422,34 @@ def test_every_variable_has_values(stack: Stack) -> None:
                 f"{stack.prometheus}/api/v1/series", params={"match[]": selector}, timeout=10
             ).json()["data"]
             assert {s[label] for s in series if label in s}, f"{file.name}: {variable['name']}"
+
+
+def test_a_provider_down_fires_only_provider_down(stack: Stack) -> None:
+    """`gone` never answers: the rules themselves (no Alertmanager) raise LLMProviderDown and
+    nothing else about it, not even pending; the connection verdict, degraded by it, neither."""
+    down = 'ALERTS{alertname="LLMProviderDown", alertstate="firing", provider="gone"}'
+    wait_for(lambda: stack.query(down), "LLMProviderDown firing for gone", 30)
+    others = 'ALERTS{provider="gone", alertname!="LLMProviderDown"}'
+    assert stack.query(f"count_over_time({others}[10m])") == []
+    connection = 'ALERTS{alertname=~"LLMHealth.*", component="connection"}'
+    assert stack.query(f"count_over_time({connection}[10m])") == []
+    health = 'llm_health_status{component="connection", state="degraded"} == 1'
+    assert stack.query(health), "the connection verdict is degraded meanwhile"
+
+
+def test_output_tokens_fall_back_to_the_probes(stack: Stack) -> None:
+    """The Overview's tokens/s: counters where a provider has them, else its probes' speed."""
+    (expr,) = [e for d, p, e in dashboard_queries() if p == "Output tokens/s"]
+    assert expr.startswith("sum(") and expr.endswith(")")
+    per_provider = stack.query(substitute(expr[len("sum(") : -1]))
+    providers = {series["metric"].get("provider") for series in per_provider}
+    counted = stack.query(substitute('count by (provider) (llm_tokens_total{type="output"})'))
+    probed = stack.query(substitute("count by (provider) (llm_probe_tokens_per_second)"))
+    with_counters = {series["metric"]["provider"] for series in counted}
+    without = {series["metric"]["provider"] for series in probed} - with_counters
+    assert "ollama" in without, "Ollama counts no tokens; its probes measure the speed"
+    assert with_counters and without
+    assert providers == with_counters | without
 
 
 def test_provider_down_alert_reaches_the_webhook(stack: Stack) -> None:

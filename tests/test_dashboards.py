@@ -17,11 +17,16 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
+from exporter.config import HealthConfig
 from grafana import dashboards as generator
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = Path(__file__).parent / "fixtures" / "grafana-dashboard-v11.6.jsonschema.json"
+ALERT_RULES = ROOT / "prometheus" / "rules" / "llm-alerts.yml"
+# `> 0.10` in an alert's expression: its threshold (not `>=`, nor `== 0` of an `unless`).
+ABOVE = re.compile(r"(?<![<>=!])>\s*([0-9]+(?:\.[0-9]+)?)(?![0-9.])")
 CATALOGUE = ROOT / "docs" / "metrics.md"
 ROW = re.compile(r"^\| `([a-z_:]+)` \| (\w+) \| ([^|]*) \|")
 METRIC = re.compile(r"llm_[a-z_]+")
@@ -226,7 +231,95 @@ def test_no_recording_rules_in_panels() -> None:
         assert not re.search(r"\b[a-z_]+:[a-z_:]+", expr), f"{uid} {where}: {expr}"
 
 
-# (d) every metric is catalogued ------------------------------------------------------------
+# (d) colours follow the alerts -------------------------------------------------------------
+
+# Stats and gauges coloured by something other than an alert's threshold, and why.
+OWN_COLOURS = {
+    "Providers up": "red when no provider answers, green when any does",
+    "Model expiry": "orange when Ollama unloads the model within 5 minutes: no alert",
+}
+
+
+def alert_expressions() -> dict[str, list[str]]:
+    """alert name -> the expressions of its rules in prometheus/rules/llm-alerts.yml."""
+    found: dict[str, list[str]] = {}
+    for group in yaml.safe_load(ALERT_RULES.read_text(encoding="utf-8"))["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                found.setdefault(rule["alert"], []).append(rule["expr"])
+    return found
+
+
+def threshold_steps(panel: dict[str, Any]) -> list[tuple[float, str]]:
+    """(value, colour) of a panel's threshold steps."""
+    steps = panel["fieldConfig"]["defaults"].get("thresholds", {}).get("steps", [])
+    return [(step["value"], step["color"]) for step in steps]
+
+
+def test_the_levels_are_the_alerts_thresholds() -> None:
+    alerts = alert_expressions()
+    health = HealthConfig()
+    assert generator.LEVELS
+    for title, level in generator.LEVELS.items():
+        (expr,) = alerts[level.alert]
+        assert [float(n) for n in ABOVE.findall(expr)] == [level.warning], (title, expr)
+        if level.health is None:
+            assert level.unhealthy is None, title
+            continue
+        default = getattr(health, level.health)
+        # The alert and /health's `degraded` agree (the rules file says so), and red is
+        # where /health calls it unhealthy.
+        assert (default.degraded, default.unhealthy) == (level.warning, level.unhealthy), title
+
+
+def test_the_status_bar_turns_orange_where_the_alert_fires() -> None:
+    panels_by_title = {p["title"]: p for p in panels(DASHBOARDS["llm-overview"])}
+    for title, level in generator.LEVELS.items():
+        red = [] if level.unhealthy is None else [(level.unhealthy, "red")]
+        expected = [(0, "green"), (level.warning, "orange"), *red]
+        assert threshold_steps(panels_by_title[title]) == expected, title
+        assert panels_by_title[title]["options"]["colorMode"] == "value", title
+
+
+def test_every_coloured_stat_or_gauge_follows_an_alert_or_says_why_not() -> None:
+    coloured = {
+        panel["title"]
+        for dashboard in DASHBOARDS.values()
+        for panel in panels(dashboard)
+        if panel["type"] in ("stat", "gauge", "bargauge") and len(threshold_steps(panel)) > 1
+    }
+    assert coloured == set(generator.LEVELS) | set(OWN_COLOURS)
+
+
+def test_providers_up_is_red_at_zero_and_green_above() -> None:
+    (panel,) = [p for p in panels(DASHBOARDS["llm-overview"]) if p["title"] == "Providers up"]
+    assert threshold_steps(panel) == [(0, "red"), (1, "green")]
+    assert panel["options"]["colorMode"] == "value"
+
+
+def test_tokens_per_second_have_a_unit() -> None:
+    titled = [
+        panel
+        for dashboard in DASHBOARDS.values()
+        for panel in panels(dashboard)
+        if "tokens/s" in panel["title"].lower()
+    ]
+    assert len(titled) >= 3
+    for panel in titled:
+        assert panel["fieldConfig"]["defaults"]["unit"] == "suffix:tokens/s", panel["title"]
+
+
+def test_output_tokens_fall_back_to_the_probes_without_token_counters() -> None:
+    (panel,) = [p for p in panels(DASHBOARDS["llm-overview"]) if p["title"] == "Output tokens/s"]
+    (target,) = panel["targets"]
+    expr = target["expr"]
+    counters, fallback = expr.split(" or ", 1)
+    assert "rate(llm_tokens_total{" in counters
+    assert "llm_probe_tokens_per_second{" in fallback
+    assert re.search(r"unless on \(provider\) llm_tokens_total\{[^}]*type=\"output\"", fallback)
+
+
+# (e) every metric is catalogued ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("uid", "where", "expr"), every_query())
