@@ -3,8 +3,11 @@
 #
 #   docker build -t llm-exporter .
 #   docker build -t llm-exporter:gpu --build-arg EXTRAS=gpu .    # NVIDIA GPU metrics through NVML
-#   docker run -p 9741:9741 \
+#   docker run -p 127.0.0.1:9741:9741 \
 #     -v "$PWD/llm-exporter.yml:/etc/llm-exporter/llm-exporter.yml:ro" llm-exporter
+#
+# A provider on the host's loopback (Ollama's default 127.0.0.1:11434) needs --network host;
+# README.md ("With docker run") shows both ways.
 #
 # No configuration is baked in: mount one at /etc/llm-exporter/llm-exporter.yml (the
 # image's default --config.file) or pass --config.file. docker-compose.yml at the top of

@@ -2,33 +2,43 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One venv, two stamps: `make run` installs the exporter with the demo extras only,
+# `make test` with the test extras, which include the demo ones (so its stamp is the
+# demo stamp too). Each is redone only when pyproject.toml changes.
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 VLLM_VENV := .venv-vllm
 LINTED := exporter tests scripts bench grafana
 
 .PHONY: run test lint typecheck pytest system-deps vllm bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $@ $(DEMO_STAMP)
 
 ## run: start a real llama.cpp server with a tiny generated model and the exporter scraping it
-run: $(STAMP)
+run: $(DEMO_STAMP)
 	$(BIN)/python scripts/demo.py
 
 ## test: install what the tests need, then lint, type-check and run every test
-test: $(STAMP) system-deps vllm lint typecheck pytest
+test: $(TEST_STAMP) system-deps vllm lint typecheck pytest
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy exporter grafana/dashboards.py
 
-pytest: $(STAMP)
+pytest: $(TEST_STAMP)
 	$(BIN)/pytest
 
 # promtool checks the exposition and the rules; Prometheus and Alertmanager run in the bundle tests.
@@ -45,7 +55,7 @@ system-deps:
 vllm:
 	VLLM_VENV=$(VLLM_VENV) bash scripts/install_vllm.sh
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python bench/scrape.py
 	$(BIN)/python bench/probes.py
 
