@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from . import __version__
-from .config import DEFAULT_LISTEN_ADDRESS, load_config
+from .config import DEFAULT_LISTEN_ADDRESS, Config, dump_config, load_config, parse_duration
+from .discovery import discover
 from .errors import ConfigError
-from .logs import LEVELS, setup_logging
-from .server import Exporter, create_app
+from .logs import LEVELS, fields, setup_logging
+from .server import IDLE_TIMEOUT_SECONDS, MAX_CONNECTIONS, Exporter, start_runner
 
 log = logging.getLogger("exporter")
+DEFAULT_CONFIG_FILE = "llm-exporter.yml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +33,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config.file",
         dest="config_file",
-        default="llm-exporter.yml",
-        help="configuration file (default: %(default)s)",
+        default=None,
+        help=f"configuration file (default: {DEFAULT_CONFIG_FILE} if it exists; without one,"
+        " providers on this host's default ports are found and served)",
     )
     parser.add_argument(
         "--web.listen-address",
         dest="listen_address",
         default=DEFAULT_LISTEN_ADDRESS,
         help="address to serve /metrics on, as [host]:port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.enable-lifecycle",
+        dest="enable_lifecycle",
+        action="store_true",
+        help="answer POST /-/reload (off by default; SIGHUP always reloads)",
+    )
+    parser.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=_positive_int,
+        default=MAX_CONNECTIONS,
+        help="most client connections open at once; past it the oldest idle one is closed"
+        " (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.idle-timeout",
+        dest="idle_timeout",
+        type=_seconds,
+        default=f"{IDLE_TIMEOUT_SECONDS:g}s",
+        help="close a client connection that sends no complete request for this long"
+        " (default: %(default)s)",
     )
     parser.add_argument(
         "--log.level",
@@ -60,8 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the configuration file and exit (status 0 if valid, 2 if not)",
     )
+    parser.add_argument(
+        "--config.print",
+        dest="config_print",
+        action="store_true",
+        help="print the effective configuration (loaded or found) as YAML, secrets masked, and exit",
+    )
     parser.add_argument("--version", action="version", version=f"llm-exporter {__version__}")
     return parser  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 15s, got {text!r}")
+    return seconds
 
 
 def parse_listen_address(address: str) -> tuple[str | None, int]:
@@ -73,33 +117,54 @@ def parse_listen_address(address: str) -> tuple[str | None, int]:
     return (host or None), int(port_text)
 
 
-async def serve(exporter: Exporter, host: str | None, port: int) -> int:
+async def serve(
+    exporter: Exporter,
+    host: str | None,
+    port: int,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+) -> int:
     """Serve until SIGINT or SIGTERM; reload on SIGHUP. Returns the exit status."""
-    runner = web.AppRunner(create_app(exporter), access_log=None, handle_signals=False)
-    await runner.setup()
+    runner = await start_runner(
+        exporter, max_connections=max_connections, idle_timeout=idle_timeout
+    )
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        log.error("cannot listen on %s:%d: %s", host or "", port, reason)
+        log.error("cannot listen", extra=fields(address=f"{host or ''}:{port}", error=reason))
         await runner.cleanup()
         await exporter.aclose()
         return 1
     log.info(
-        "listening address=%s:%d providers=%d version=%s",
-        host or "", port, len(exporter.config.providers), __version__,
-    )  # fmt: skip
+        "listening",
+        extra=fields(
+            address=f"{host or ''}:{port}",
+            providers=len(exporter.config.providers),
+            version=__version__,
+        ),
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(exporter)))
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = asyncio.ensure_future(_reload(exporter))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     first = asyncio.ensure_future(exporter.collect())
     await stop.wait()
     log.info("shutting down")
-    first.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await first
+    # Nobody waits for the answers of collections in progress: do not wait for them either.
+    for task in (first, *reloads):
+        task.cancel()
+    exporter.cancel_collection()
+    await asyncio.gather(first, *reloads, return_exceptions=True)
     await runner.cleanup()
     await exporter.aclose()
     return 0
@@ -109,21 +174,54 @@ async def _reload(exporter: Exporter) -> None:
     try:
         await exporter.reload()
     except ConfigError as exc:
-        log.error("configuration reload failed, keeping the running one: %s", exc)
+        log.error("configuration reload failed, keeping the running one", extra=fields(error=exc))
+    else:
+        _log_warnings(exporter.config)
+
+
+def _log_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        log.warning("configuration warning", extra=fields(warning=warning))
+
+
+def _read_config(config_file: str | None) -> tuple[Config, str | None]:
+    """The configuration to run, and its file (None when providers were found instead)."""
+    if config_file is None and Path(DEFAULT_CONFIG_FILE).exists():
+        config_file = DEFAULT_CONFIG_FILE
+    if config_file is None:
+        return asyncio.run(discover()), None
+    if not Path(config_file).exists():
+        raise ConfigError(
+            "",
+            "no such file; llm-exporter.example.yml is a commented example to start from,"
+            " and without --config.file the exporter finds providers on this host itself",
+            file=str(Path(config_file).absolute()),
+        )
+    return load_config(config_file), config_file
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the exporter; returns the process exit status."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    if args.config_check and args.config_file is None and not Path(DEFAULT_CONFIG_FILE).exists():
+        print(f"llm-exporter: no configuration file to check ({DEFAULT_CONFIG_FILE} not found)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
-        config = load_config(args.config_file)
+        config, config_file = _read_config(args.config_file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    if args.config_check:
-        print(f"{args.config_file}: valid, {len(config.providers)} provider(s)")
+    if args.config_print:
+        sys.stdout.write(dump_config(config))
         return 0
+    if args.config_check:
+        print(f"{config_file}: valid, {len(config.providers)} provider(s)")
+        for warning in config.warnings:
+            print(f"warning: {warning}")
+        return 0
+    _log_warnings(config)
     try:
         host, port = parse_listen_address(args.listen_address)
     except ValueError as exc:
@@ -131,8 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     async def run() -> int:
-        exporter = Exporter(config, args.config_file)
-        return await serve(exporter, host, port)
+        exporter = Exporter(
+            config,
+            config_file,
+            rediscover=discover if config_file is None else None,
+            enable_lifecycle=args.enable_lifecycle,
+        )
+        return await serve(
+            exporter,
+            host,
+            port,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+        )
 
     try:
         return asyncio.run(run())

@@ -29,8 +29,12 @@ DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
 KEEPALIVE_EXPIRY = 4.0
 SUCCESS = "success"
 OK_STATUSES = range(200, 300)
-# How long an optional endpoint that answered 404 or 501 is left alone.
-UNSUPPORTED_RECHECK_SECONDS = 300.0
+# How long an optional endpoint that answered 404 or 501 is left alone: short enough that
+# a server restarted with --metrics shows its metrics within a minute.
+UNSUPPORTED_RECHECK_SECONDS = 60.0
+# Bodies larger than this are parsed in a worker thread, so that a large answer does not
+# hold the event loop (and every other scrape and health check) while it is read.
+PARSE_IN_THREAD_BYTES = 256 * 1024
 T = TypeVar("T")
 # When the running collection must be done (on the client's clock): every request of
 # a provider shares what is left of one budget, so a provider costs at most its timeout.
@@ -130,6 +134,10 @@ class Reply:
         """The body parsed as JSON."""
         try:
             return json.loads(self.body)
+        except RecursionError:
+            raise ProviderError(
+                FailureClass.INVALID_RESPONSE, "JSON nested too deeply", endpoint=self.endpoint
+            ) from None
         except (ValueError, UnicodeDecodeError):
             kind = "HTML" if self.body.lstrip()[:1] == b"<" else "malformed JSON"
             raise ProviderError(
@@ -147,15 +155,21 @@ class Reply:
 
 
 def _shape_error(endpoint: str, exc: Exception) -> ProviderError:
-    return ProviderError(
-        FailureClass.INVALID_RESPONSE, f"unexpected shape ({type(exc).__name__})", endpoint=endpoint
-    )
+    if isinstance(exc, RecursionError):
+        message = "nested too deeply"
+    elif isinstance(exc, MemoryError):
+        message = "too large to read"
+    else:
+        message = f"unexpected shape ({type(exc).__name__})"
+    return ProviderError(FailureClass.INVALID_RESPONSE, message, endpoint=endpoint)
 
 
 def _parse(reply: Reply, parse: Callable[[Reply], T]) -> T:
     try:
         return parse(reply)
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+    except ProviderError:
+        raise
+    except Exception as exc:  # whatever the body made the parser do, it costs this endpoint only
         raise _shape_error(reply.endpoint, exc) from None
 
 
@@ -304,6 +318,8 @@ class ProviderClient:
                     self._unsupported[endpoint] = self._clock() + UNSUPPORTED_RECHECK_SECONDS
                     return None, status_failure(reply.status).value
                 reply.ok()
+            if len(reply.body) > PARSE_IN_THREAD_BYTES:
+                return await asyncio.to_thread(_parse, reply, parse), SUCCESS
             return _parse(reply, parse), SUCCESS
 
         return await self._accounted(endpoint, self.timeout, run)
@@ -343,7 +359,9 @@ class ProviderClient:
                     stream = Stream(endpoint, response, started, self._clock, self._max_body)
                     try:
                         return await consume(stream), SUCCESS
-                    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                    except (ProviderError, aiohttp.ClientError):
+                        raise
+                    except Exception as exc:  # a bomb in the stream costs this probe only
                         raise _shape_error(endpoint, exc) from None
             except aiohttp.ClientError as exc:
                 raise self._classify(endpoint, exc) from None
@@ -371,7 +389,14 @@ class ProviderClient:
             return value
         except ProviderError as exc:
             outcome = exc.failure.value
+            if exc.failure is FailureClass.CONNECT:
+                # The server went away: when it is back, it may be another build or have
+                # other flags, so ask its optional endpoints again.
+                self._unsupported.clear()
             raise
+        except Exception as exc:  # never let a provider's answer escape classification
+            outcome = FailureClass.INVALID_RESPONSE.value
+            raise _shape_error(endpoint, exc) from None
         finally:
             # A cancelled request (the scrape deadline passed) is counted as a timeout.
             self._stats.observe(

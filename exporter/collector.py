@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -18,12 +18,27 @@ from .errors import FailureClass
 from .gpu import GpuReader, GpuSnapshot
 from .health import HealthReport, evaluate
 from .host import HostReader, HostSnapshot, ProcessFinder, ProcessSnapshot
+from .logs import fields
 from .probes import ProbeStats
 from .providers import KINDS, Provider
-from .providers.base import Failure, ProviderSnapshot
+from .providers.base import (
+    EngineSnapshot,
+    Failure,
+    HistogramData,
+    ProviderSnapshot,
+    series_count,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 GUARD_SECONDS = 0.25
+# Label values a provider may put into one family of one model (finish reasons and the
+# like); the rest are summed into OTHER, so totals stay true and series stay bounded.
+MAX_LABEL_VALUES = 16
+OTHER = "other"
+# Buckets kept of a provider's own histogram: dropping bounds of a cumulative histogram
+# keeps it correct, only coarser.
+MAX_BUCKETS = 40
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,8 @@ class ProviderResult:
     snapshot: ProviderSnapshot
     duration_seconds: float
     process: ProcessSnapshot | None = None
+    # Label values dropped or folded into "other" by the bounds, per family.
+    dropped: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
@@ -60,11 +77,78 @@ class Collection:
     finished_at: float
 
 
-def bounded(snapshot: ProviderSnapshot, max_models: int) -> ProviderSnapshot:
-    """The snapshot with at most max_models models and engines: model labels stay bounded."""
-    return replace(
-        snapshot, models=snapshot.models[:max_models], engines=snapshot.engines[:max_models]
-    )
+def bounded(
+    snapshot: ProviderSnapshot, max_models: int, max_series: int
+) -> tuple[ProviderSnapshot, dict[str, int]]:
+    """The snapshot within the provider's bounds, and what was dropped per family.
+
+    Models are unique by name (two names can clean up to the same label value) and at
+    most max_models; each family's label values and buckets are bounded; and a snapshot
+    still over max_series keeps its status only, with a failure saying why.
+    """
+    dropped: dict[str, int] = {}
+
+    def note(family: str, count: int) -> None:
+        if count > 0:
+            dropped[family] = dropped.get(family, 0) + count
+
+    models = _first_of_each(snapshot.models, lambda m: m.name)
+    engines = _first_of_each(snapshot.engines, lambda e: e.model)
+    note("llm_model_info", len(models) - max_models)
+    note("llm_requests_running", len(engines) - max_models)
+    engines = tuple(_bounded_engine(e, note) for e in engines[:max_models])
+    snapshot = replace(snapshot, models=models[:max_models], engines=engines)
+    series = series_count(snapshot)
+    if series > max_series:
+        failure = Failure(
+            "/metrics" if snapshot.engines else "",
+            FailureClass.INVALID_RESPONSE,
+            f"{series} series, over max_series ({max_series}): only its status is kept",
+        )
+        note("all", series)
+        snapshot = replace(snapshot, models=(), engines=(), failures=(*snapshot.failures, failure))
+    return snapshot, dropped
+
+
+def _first_of_each(items: tuple[T, ...], key: Callable[[T], str]) -> tuple[T, ...]:
+    """The items whose key was not seen before, in order."""
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        if key(item) not in seen:
+            seen.add(key(item))
+            unique.append(item)
+    return tuple(unique)
+
+
+def _bounded_engine(engine: EngineSnapshot, note: Callable[[str, int], None]) -> EngineSnapshot:
+    changes: dict[str, object] = {}
+    if len(engine.finished_requests) > MAX_LABEL_VALUES:
+        ranked = sorted(engine.finished_requests.items(), key=lambda item: (-item[1], item[0]))
+        kept = dict(ranked[: MAX_LABEL_VALUES - 1])
+        kept[OTHER] = kept.get(OTHER, 0.0) + sum(
+            count for _, count in ranked[MAX_LABEL_VALUES - 1 :]
+        )
+        note("llm_requests_finished_total", len(ranked) - len(kept) + 1)
+        changes["finished_requests"] = kept
+    for name in (
+        "time_to_first_token",
+        "request_duration",
+        "inter_token_latency",
+        "queue_duration",
+    ):
+        histogram = getattr(engine, name)
+        if histogram is not None and len(histogram.buckets) > MAX_BUCKETS:
+            note(f"llm_{name}_seconds", len(histogram.buckets) - MAX_BUCKETS)
+            changes[name] = _fewer_buckets(histogram)
+    return replace(engine, **changes) if changes else engine  # type: ignore[arg-type]
+
+
+def _fewer_buckets(histogram: HistogramData) -> HistogramData:
+    """Every n-th bound and +Inf: still a correct cumulative histogram."""
+    buckets = histogram.buckets
+    step = -(-(len(buckets) - 1) // (MAX_BUCKETS - 1))
+    return replace(histogram, buckets=(*buckets[:-1][step - 1 :: step], buckets[-1]))
 
 
 class Collector:
@@ -102,6 +186,7 @@ class Collector:
         self.finders = {
             p.name: ProcessFinder(p.process, ps) for p in config.providers if p.process is not None
         }
+        self._reported_drops: set[tuple[str, str]] = set()
 
     async def collect(self, deadline: float | None = None) -> Collection:
         """Collect all providers and resources; no provider can take longer than the deadline."""
@@ -111,10 +196,7 @@ class Collector:
             asyncio.gather(*tasks), self._resources_within(budget)
         )
         results = tuple(
-            ProviderResult(
-                r.config, r.snapshot, r.duration_seconds, resources.processes.get(r.config.name)
-            )
-            for r in collected
+            replace(r, process=resources.processes.get(r.config.name)) for r in collected
         )
         health = evaluate(results, resources, self.probe_stats.by_provider(), self.config.health)
         return Collection(results, resources, health, self.wall_clock())
@@ -124,31 +206,43 @@ class Collector:
         timeout = min(config.timeout, budget)
         started = self.clock()
         DEADLINE.set(started + timeout)
+        dropped: dict[str, int] = {}
         try:
             # The client keeps every request inside the deadline; this only guards the adapter.
-            snapshot = bounded(
+            snapshot, dropped = bounded(
                 await asyncio.wait_for(provider.snapshot(), timeout + GUARD_SECONDS),
                 config.max_models,
+                config.max_series,
             )
         except TimeoutError:
             failure = Failure("", FailureClass.TIMEOUT, f"no complete answer within {timeout:g}s")
             snapshot = ProviderSnapshot(up=False, failures=(failure,))
         except Exception as exc:  # an adapter bug must cost one provider, not the scrape
             log.warning(
-                "provider snapshot failed provider=%s error=%s", config.name, type(exc).__name__
+                "provider snapshot failed",
+                extra=fields(provider=config.name, error=type(exc).__name__),
             )
             failure = Failure("", FailureClass.INVALID_RESPONSE, type(exc).__name__)
             snapshot = ProviderSnapshot(up=False, failures=(failure,))
         duration = self.clock() - started
         for failure in snapshot.failures:
             log.debug(
-                "provider request failed provider=%s endpoint=%s class=%s message=%r",
-                config.name,
-                failure.endpoint,
-                failure.failure.value,
-                failure.message,
+                "provider request failed",
+                extra=fields(
+                    provider=config.name,
+                    endpoint=failure.endpoint,
+                    error_class=failure.failure.value,
+                    message=failure.message,
+                ),
             )
-        return ProviderResult(config, snapshot, duration)
+        for family, count in dropped.items():
+            if (config.name, family) not in self._reported_drops:
+                self._reported_drops.add((config.name, family))
+                log.warning(
+                    "provider series over their bound: dropped or folded into other",
+                    extra=fields(provider=config.name, family=family, dropped=count),
+                )
+        return ProviderResult(config, snapshot, duration, dropped=dropped)
 
     async def _resources_within(self, budget: float) -> Resources:
         # psutil blocks, and a hung network mount can block it for good: read in a thread,
@@ -156,7 +250,10 @@ class Collector:
         try:
             return await asyncio.wait_for(asyncio.to_thread(self._read_resources), budget)
         except TimeoutError:
-            log.warning("host resources not read within %gs: left out of this scrape", budget)
+            log.warning(
+                "host resources not read in time: left out of this scrape",
+                extra=fields(budget_seconds=round(budget, 3)),
+            )
             return Resources(host=None, processes={}, gpus=())
 
     def _read_resources(self) -> Resources:

@@ -7,11 +7,13 @@ a literal $); secrets may come from *_file keys instead of the file itself.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+import stat
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,10 +22,15 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
 from .providers import KINDS
 
 DEFAULT_LISTEN_ADDRESS = ":9741"
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_KEY_FILE_BYTES = 64 * 1024
+# Deeper YAML is refused: no configuration nests more than a few levels, and PyYAML
+# composes nested nodes by recursion.
+MAX_DEPTH = 32
 
 T = TypeVar("T")
 
@@ -80,6 +87,7 @@ class ProviderConfig:
     tls_config: TLSConfig = TLSConfig()
     process: ProcessMatch | None = None
     max_models: int = 100
+    max_series: int = 10000
     probes: ProbeConfig | None = None
 
 
@@ -130,6 +138,8 @@ class Config:
     host: HostConfig = HostConfig()
     health: HealthConfig = HealthConfig()
     global_: GlobalConfig = GlobalConfig()
+    # What is valid but probably not meant, for the log; not part of the configuration.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -157,9 +167,13 @@ class _Constructor(SafeConstructor):
 class _Reader:
     """Reads one YAML mapping strictly, remembering which keys were used."""
 
-    def __init__(self, node: yaml.Node, path: str, file: str) -> None:
+    def __init__(
+        self, node: yaml.Node, path: str, file: str, errors: list[ConfigError] | None = None
+    ) -> None:
         self.path = path
         self.file = file
+        # Shared by every reader of one file: each bad key is reported, not only the first.
+        self.errors: list[ConfigError] = errors if errors is not None else []
         self.line = node.start_mark.line + 1
         if not isinstance(node, yaml.MappingNode):
             raise self.error(path, f"expected a mapping, got {_describe(node)}", node)
@@ -193,23 +207,36 @@ class _Reader:
         return entry[1]
 
     def scalar(self, key: str, convert: Callable[[Any, str, yaml.Node], T], default: T) -> T:
+        """The key's value converted, or the default (with the error kept) if it is bad."""
         node = self.node(key)
         if node is None:
             return default
-        if not isinstance(node, yaml.ScalarNode):
-            return convert(_Unscalar(node), self._sub(key), node)
-        return convert(_construct(node, self._sub(key)), self._sub(key), node)
+        try:
+            if not isinstance(node, yaml.ScalarNode):
+                return convert(_Unscalar(node), self._sub(key), node)
+            return convert(_construct(node, self._sub(key)), self._sub(key), node)
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return default
 
-    def required(self, key: str, convert: Callable[[Any, str, yaml.Node], T]) -> T:
+    def required(self, key: str, convert: Callable[[Any, str, yaml.Node], str]) -> str:
+        """The key's value converted; "" with the error kept if it is missing or bad."""
         if self.node(key) is None:
-            raise self.error(self._sub(key), "is required")
-        value: T | None = self.scalar(key, convert, None)
-        assert value is not None
-        return value
+            self.errors.append(self.error(self._sub(key), "is required"))
+            return ""
+        return self.scalar(key, convert, "")
 
     def mapping(self, key: str) -> _Reader | None:
         node = self.node(key)
-        return None if node is None else _Reader(node, self._sub(key), self.file)
+        return None if node is None else _Reader(node, self._sub(key), self.file, self.errors)
+
+    def section(self, key: str, parse: Callable[[_Reader | None], T], default: T) -> T:
+        """A sub-mapping parsed by parse; the default, with the error kept, if it is bad."""
+        try:
+            return parse(self.mapping(key))
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return default
 
     def sequence(self, key: str) -> Iterator[tuple[yaml.Node, str]]:
         node = self.node(key)
@@ -223,8 +250,15 @@ class _Reader:
     def finish(self) -> None:
         for key, (key_node, _) in self.items.items():
             if key not in self.used:
-                known = ", ".join(sorted(self.used))
-                raise self.error(self._sub(key), f"unknown key (known keys: {known})", key_node)
+                self.errors.append(self.error(self._sub(key), _unknown(key, self.used), key_node))
+
+
+def _unknown(key: str, known: Collection[str]) -> str:
+    """An unknown key's reason: the closest known key, else every known key."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f'unknown key (did you mean "{close[0]}"?)'
+    return f"unknown key (known keys: {', '.join(sorted(known))})"
 
 
 class _Unscalar:
@@ -326,16 +360,21 @@ def _path(value: Any, path: str, node: yaml.Node) -> Path:
 
 
 def _url(value: Any, path: str, node: yaml.Node) -> str:
-    text = _string(value, path, node)
-    # Quote the value only when it cannot hold credentials, so no secret reaches a log.
-    got = "" if "@" in text or "?" in text else f", got {_describe(text)}"
+    # A URL's value is never repeated in a message: its path or query may hold a token.
+    if not isinstance(value, str):
+        raise _fail(path, node, "expected a URL in a string")
+    text = _expand_env(value, path, node)
+    bad_port = "not a valid URL: the port must be a number from 1 to 65535"
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018  (raises ValueError for a port that is not 0-65535)
+        port = parts.port
     except ValueError as exc:
-        raise _fail(path, node, f"not a valid URL: {exc}{got}") from None
+        reason = "not a valid URL: invalid IPv6 address" if "IPv6" in str(exc) else bad_port
+        raise _fail(path, node, reason) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail(path, node, f"expected an http:// or https:// URL with a host{got}")
+        raise _fail(path, node, "expected an http:// or https:// URL with a host")
+    if port == 0:
+        raise _fail(path, node, bad_port)
     if parts.username or parts.password:
         raise _fail(path, node, "credentials in the URL are not allowed: use api_key or headers")
     if parts.query or parts.fragment:
@@ -348,27 +387,63 @@ def _secret(value: Any, path: str, node: yaml.Node) -> str:
         raise _fail(path, node, f"expected a string, got {_describe(value)}")
     if not isinstance(value, str):  # never repeat a secret in a message
         raise _fail(path, node, "expected a string: put the key in quotes")
-    return _expand_env(value, path, node)
+    return _printable_secret(_expand_env(value, path, node), path, node)
+
+
+def _printable_secret(secret: str, path: str, node: yaml.Node) -> str:
+    # Sent in a header: a line break would end it there, or split the request.
+    if not secret.isprintable():
+        raise _fail(path, node, "the key contains a line break or another control character")
+    return secret
 
 
 def _secret_file(value: Any, path: str, node: yaml.Node) -> str:
     file = _path(value, path, node)
     try:
-        secret = file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise _fail(path, node, f"cannot read {file}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise _fail(path, node, f"{file} is not UTF-8 text") from None
+        secret = read_bounded(file, MAX_KEY_FILE_BYTES).strip()
+    except ConfigError as exc:
+        raise _fail(path, node, f"{file}: {exc.reason}") from None
     if not secret:
         raise _fail(path, node, f"{file} is empty")
-    return secret
+    return _printable_secret(secret, path, node)
+
+
+def read_bounded(file: str | Path, limit: int) -> str:
+    """A regular file's text, at most limit bytes; ConfigError for anything else.
+
+    A FIFO, a device or a socket is refused before it is read (a FIFO would block,
+    /dev/zero never ends), and at most limit + 1 bytes are ever read.
+    """
+    try:
+        descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError("", f"cannot read the file: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError("", "not a regular file (a pipe, device or directory is refused)")
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read the file: {exc.strerror or exc}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > limit:
+        raise ConfigError("", f"larger than {limit // 1024} KiB: refused")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("", "the file is not UTF-8 text") from None
 
 
 def _scrape_kind(value: Any, path: str, node: yaml.Node) -> str:
     kind = _string(value, path, node)
     if kind not in KINDS:
+        close = difflib.get_close_matches(kind, KINDS, n=1, cutoff=0.6)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
         raise _fail(
-            path, node, f'unknown kind "{kind}", expected one of {", ".join(sorted(KINDS))}'
+            path,
+            node,
+            f'unknown kind "{kind[:40]}"{hint}, expected one of {", ".join(sorted(KINDS))}',
         )
     return kind
 
@@ -409,13 +484,14 @@ def _parse_tls(reader: _Reader | None) -> TLSConfig:
 def _parse_process(reader: _Reader | None) -> ProcessMatch | None:
     if reader is None:
         return None
+    errors_before = len(reader.errors)
     match = ProcessMatch(
         pid_file=reader.scalar("pid_file", _path, None),
         name=reader.scalar("name", _string, None),
         port=reader.scalar("port", _port, None),
     )
     reader.finish()
-    if match == ProcessMatch():
+    if match == ProcessMatch() and len(reader.errors) == errors_before:
         raise reader.error(reader.path, "set one of pid_file, name or port")
     return match
 
@@ -438,15 +514,19 @@ def _header_value(value: Any, path: str, node: yaml.Node) -> str:
     return text
 
 
-def _parse_provider(node: yaml.Node, path: str, file: str) -> ProviderConfig:
-    reader = _Reader(node, path, file)
+def _parse_provider(
+    node: yaml.Node, path: str, file: str, errors: list[ConfigError]
+) -> ProviderConfig:
+    reader = _Reader(node, path, file, errors)
     api_key = reader.scalar("api_key", _secret, None)
     api_key_from_file = reader.scalar("api_key_file", _secret_file, None)
     if api_key is not None and api_key_from_file is not None:
-        raise reader.error(
-            f"{path}.api_key_file",
-            "set api_key or api_key_file, not both",
-            reader.node("api_key_file"),
+        errors.append(
+            reader.error(
+                f"{path}.api_key_file",
+                "set api_key or api_key_file, not both",
+                reader.node("api_key_file"),
+            )
         )
     provider = ProviderConfig(
         name=reader.required("name", _name),
@@ -454,14 +534,24 @@ def _parse_provider(node: yaml.Node, path: str, file: str) -> ProviderConfig:
         url=reader.required("url", _url),
         api_key=api_key if api_key is not None else api_key_from_file,
         timeout=reader.scalar("timeout", _duration, ProviderConfig.timeout),
-        headers=_parse_headers(reader.mapping("headers")),
-        tls_config=_parse_tls(reader.mapping("tls_config")),
-        process=_parse_process(reader.mapping("process")),
+        headers=reader.section("headers", _parse_headers, {}),
+        tls_config=reader.section("tls_config", _parse_tls, TLSConfig()),
+        process=reader.section("process", _parse_process, None),
         max_models=reader.scalar("max_models", _positive_int, ProviderConfig.max_models),
-        probes=_parse_probes(reader.mapping("probes")),
+        max_series=reader.scalar("max_series", _positive_int, ProviderConfig.max_series),
+        probes=reader.section("probes", _parse_probes, None),
     )
     reader.finish()
     return provider
+
+
+def _url_warnings(provider: ProviderConfig, path: str) -> list[str]:
+    if provider.kind != "openai" and provider.url.endswith("/v1"):
+        return [
+            f"{path}.url ends in /v1: kind {provider.kind} takes the server's root"
+            f" (the exporter adds /v1 where it needs it)"
+        ]
+    return []
 
 
 def _jitter(value: Any, path: str, node: yaml.Node) -> float:
@@ -474,10 +564,10 @@ def _jitter(value: Any, path: str, node: yaml.Node) -> float:
     return float(value)
 
 
-def _probe_model(node: yaml.Node, path: str, file: str) -> ProbeModel:
+def _probe_model(node: yaml.Node, path: str, parent: _Reader) -> ProbeModel:
     if isinstance(node, yaml.ScalarNode):
         return ProbeModel(name=_string_item(node, path))
-    reader = _Reader(node, path, file)
+    reader = _Reader(node, path, parent.file, parent.errors)
     model = ProbeModel(
         name=reader.required("name", _string),
         allow_load=reader.scalar("allow_load", _bool, False),
@@ -492,9 +582,7 @@ def _parse_probes(reader: _Reader | None) -> ProbeConfig | None:
         return None
     default = ProbeConfig()
     probes = ProbeConfig(
-        models=tuple(
-            _probe_model(node, path, reader.file) for node, path in reader.sequence("models")
-        ),
+        models=tuple(_probe_model(node, path, reader) for node, path in reader.sequence("models")),
         max_models=reader.scalar("max_models", _positive_int, default.max_models),
         interval=reader.scalar("interval", _duration, default.interval),
         jitter=reader.scalar("jitter", _jitter, default.jitter),
@@ -613,7 +701,10 @@ def _yaml_reason(exc: yaml.MarkedYAMLError) -> str:
 def parse_config(text: str, file: str = "") -> Config:
     """Parse and validate a whole configuration; raise ConfigError if anything is wrong."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _compose(text)
+    except ConfigError as exc:
+        exc.file = file
+        raise
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -622,47 +713,198 @@ def parse_config(text: str, file: str = "") -> Config:
         raise ConfigError("", f"invalid YAML: {exc}", file=file) from None
     if root is None:
         raise ConfigError("", "the file is empty: configure at least one provider", file=file)
+    too_deep = _too_deep(root)
+    if too_deep is not None:
+        raise ConfigError(
+            "",
+            f"nested more than {MAX_DEPTH} levels deep",
+            line=too_deep.start_mark.line + 1,
+            file=file,
+        )
+    errors: list[ConfigError] = []
     try:
-        return _parse_root(root, file)
+        config = _parse_root(root, file, errors)
     except ConfigError as exc:
-        exc.file = file
-        raise
+        errors.append(exc)
+    for error in errors:
+        error.file = file
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(sorted(errors, key=lambda error: error.line or 0))
+    return config
 
 
-def _parse_root(root: yaml.Node, file: str) -> Config:
-    reader = _Reader(root, "", file)
-    providers = tuple(
-        _parse_provider(node, path, file) for node, path in reader.sequence("providers")
-    )
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree of a text, refused when it nests too deeply to be composed."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError("", f"invalid YAML: nested more than {MAX_DEPTH} levels deep") from None
+
+
+def _too_deep(root: yaml.Node) -> yaml.Node | None:
+    """The first node nested deeper than MAX_DEPTH, found without recursion; None if none."""
+    stack: list[tuple[yaml.Node, int]] = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return node
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+    return None
+
+
+def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config:
+    reader = _Reader(root, "", file, errors)
+    providers: list[ProviderConfig] = []
+    warnings: list[str] = []
     seen: dict[str, int] = {}
-    for index, provider in enumerate(providers):
-        if provider.name in seen:
-            node = _Reader(reader.items["providers"][1].value[index], "", file).items["name"][1]
-            raise reader.error(
-                f"providers[{index}].name",
-                f'"{provider.name}" is already used by providers[{seen[provider.name]}]',
-                node,
+    for index, (node, path) in enumerate(reader.sequence("providers")):
+        try:
+            provider = _parse_provider(node, path, file, errors)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        if provider.name and provider.name in seen:
+            name_node = _Reader(node, path, file).items["name"][1]
+            errors.append(
+                reader.error(
+                    f"{path}.name",
+                    f'"{provider.name}" is already used by providers[{seen[provider.name]}]',
+                    name_node,
+                )
             )
-        seen[provider.name] = index
+        seen.setdefault(provider.name, index)
+        warnings.extend(_url_warnings(provider, path))
+        providers.append(provider)
     config = Config(
-        providers=providers,
-        host=_parse_host(reader.mapping("host")),
-        health=_parse_health(reader.mapping("health")),
-        global_=_parse_global(reader.mapping("global")),
+        providers=tuple(providers),
+        host=reader.section("host", _parse_host, HostConfig()),
+        health=reader.section("health", _parse_health, HealthConfig()),
+        global_=reader.section("global", _parse_global, GlobalConfig()),
+        warnings=tuple(warnings),
     )
     reader.finish()
-    if not providers and not config.host.enabled:
-        raise reader.error("providers", "nothing to do: configure a provider or enable host")
+    if not providers and not config.host.enabled and not errors:
+        errors.append(
+            reader.error("providers", "nothing to do: configure a provider or enable host")
+        )
     return config
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and parse a configuration file."""
+    """Read and parse a configuration file (a regular file of at most MAX_CONFIG_BYTES)."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read the file: {exc.strerror or exc}", file=file) from None
-    except UnicodeDecodeError:
-        raise ConfigError("", "the file is not UTF-8 text", file=file) from None
+        text = read_bounded(path, MAX_CONFIG_BYTES)
+    except ConfigError as exc:
+        exc.file = file
+        raise
     return parse_config(text, file)
+
+
+MASK = "<secret>"
+_SECRET_HEADER_RE = re.compile(r"auth|key|token|secret|cookie|session|password", re.IGNORECASE)
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as the configuration writes it: 500ms, 5s, 1m30s, 2h."""
+    millis = round(seconds * 1000)
+    if millis % 1000:
+        return f"{millis}ms"
+    text, rest = "", millis // 1000
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            text += f"{rest // size}{unit}"
+            rest %= size
+    return text or "0s"
+
+
+def _threshold(threshold: Threshold, form: Callable[[float], object]) -> dict[str, object]:
+    values = {"degraded": threshold.degraded, "unhealthy": threshold.unhealthy}
+    return {key: form(value) for key, value in values.items() if value is not None}
+
+
+def _provider_document(provider: ProviderConfig) -> dict[str, object]:
+    document: dict[str, object] = {
+        "name": provider.name,
+        "kind": provider.kind,
+        "url": provider.url,
+    }
+    if provider.api_key is not None:
+        document["api_key"] = MASK
+    document["timeout"] = format_duration(provider.timeout)
+    if provider.headers:
+        document["headers"] = {
+            name: MASK if _SECRET_HEADER_RE.search(name) else value
+            for name, value in provider.headers.items()
+        }
+    if provider.tls_config != TLSConfig():
+        tls: dict[str, object] = {"insecure_skip_verify": provider.tls_config.insecure_skip_verify}
+        if provider.tls_config.ca_file is not None:
+            tls["ca_file"] = str(provider.tls_config.ca_file)
+        document["tls_config"] = tls
+    if provider.process is not None:
+        process = provider.process
+        document["process"] = {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in (("pid_file", process.pid_file), ("name", process.name), ("port", process.port))
+            if value is not None
+        }  # fmt: skip
+    document["max_models"] = provider.max_models
+    document["max_series"] = provider.max_series
+    if provider.probes is not None:
+        probes = provider.probes
+        document["probes"] = {
+            "models": [
+                {"name": m.name, "allow_load": m.allow_load}
+                | ({"interval": format_duration(m.interval)} if m.interval is not None else {})
+                for m in probes.models
+            ],
+            "max_models": probes.max_models,
+            "interval": format_duration(probes.interval),
+            "jitter": probes.jitter,
+            "timeout": format_duration(probes.timeout),
+            "prompt": probes.prompt,
+            "max_tokens": probes.max_tokens,
+        }
+    return document
+
+
+def dump_config(config: Config) -> str:
+    """The configuration as YAML that parse_config reads back, with secrets (api_key, and
+    header values whose names suggest one) replaced by <secret>."""
+    health = config.health
+    document = {
+        "providers": [_provider_document(p) for p in config.providers],
+        "host": {"enabled": config.host.enabled, "mounts": list(config.host.mounts), "gpu": config.host.gpu},
+        "health": {
+            "response_time": _threshold(health.response_time, format_duration),
+            "memory_ratio": _threshold(health.memory_ratio, float),
+            "disk_ratio": _threshold(health.disk_ratio, float),
+            "cpu_ratio": _threshold(health.cpu_ratio, float),
+            "probe_duration": _threshold(health.probe_duration, format_duration),
+            "probe_failures": _threshold(health.probe_failures, int),
+            "max_age": format_duration(health.max_age),
+        },
+        "global": {
+            "scrape_timeout": format_duration(config.global_.scrape_timeout),
+            "scrape_timeout_margin": format_duration(config.global_.scrape_timeout_margin),
+            "probe_concurrency": config.global_.probe_concurrency,
+        },
+    }  # fmt: skip
+    return yaml.safe_dump(_escaped(document), sort_keys=False, allow_unicode=True, width=100)
+
+
+def _escaped(value: object) -> object:
+    """String values with $ written as $$, which reads back as $ (keys are read as they are)."""
+    if isinstance(value, str):
+        return value.replace("$", "$$")
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return value

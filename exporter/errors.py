@@ -2,6 +2,7 @@
 
 ExporterError
 ├── ConfigError        a configuration file that cannot be used; names the key path and line
+│   └── ConfigErrors   several of them, found in one file and reported together
 └── ProviderError      a provider request that failed; carries one FailureClass
 
 Nothing else is raised to callers: adapters turn every provider fault into a
@@ -10,6 +11,7 @@ ProviderError, and the collector turns every ProviderError into series.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 
 
@@ -38,13 +40,44 @@ class ConfigError(ExporterError):
         self.file = file
         super().__init__(str(self))
 
-    def __str__(self) -> str:
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """Every error found in the file: this one."""
+        return (self,)
+
+    def describe(self) -> str:
+        """FILE:LINE: KEY.PATH: REASON, each part left out when unknown."""
         where = self.file
         if self.line is not None:
             where = f"{where}:{self.line}" if where else f"line {self.line}"
         prefix = f"{where}: " if where else ""
         key = f"{self.path}: " if self.path else ""
-        return f"config error: {prefix}{key}{self.reason}"
+        return f"{prefix}{key}{self.reason}"
+
+    def __str__(self) -> str:
+        return f"config error: {self.describe()}"
+
+
+class ConfigErrors(ConfigError):
+    """Several errors found in one configuration, reported together; its parts are the first's."""
+
+    shown = 50  # a file of thousands of mistakes still fits on a screen
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self._errors = tuple(errors)
+        first = self._errors[0]
+        super().__init__(first.path, first.reason, line=first.line, file=first.file)
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """Every error found in the file, in the order of their lines."""
+        return self._errors
+
+    def __str__(self) -> str:
+        lines = [str(error) for error in self._errors[: self.shown]]
+        if len(self._errors) > self.shown:
+            lines.append(f"config error: {len(self._errors) - self.shown} more errors not shown")
+        return "\n".join(lines)
 
 
 class ProviderError(ExporterError):

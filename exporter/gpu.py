@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from .logs import fields
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,7 @@ class GpuReader:
             try:
                 gpus.append(self._read_one(index))
             except Exception as exc:  # a lost GPU must not break the scrape
-                log.warning("cannot read GPU index=%d error=%s", index, type(exc).__name__)
+                log.warning("cannot read GPU", extra=fields(gpu=index, error=type(exc).__name__))
         return tuple(gpus)
 
     def _read_one(self, index: int) -> GpuSnapshot:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from .config import HealthConfig, Threshold
+from .errors import FailureClass
 
 if TYPE_CHECKING:
     from .collector import ProviderResult, Resources
     from .probes import ModelProbeStats
+    from .providers.base import Failure
+
+
+MAX_LISTED_MODELS = 20
 
 
 class Status(StrEnum):
@@ -51,9 +57,48 @@ class HealthReport:
     components: tuple[ComponentHealth, ...]
 
 
+def iso_time(timestamp: float | None) -> str | None:
+    """A Unix timestamp as ISO 8601 in UTC, to the millisecond; None stays None."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 provider', '2 providers'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _hint(failure: Failure) -> str:
+    if failure.failure is FailureClass.HTTP_4XX:
+        if failure.message in ("HTTP 401", "HTTP 403"):
+            return ": check api_key"
+        if failure.message in ("HTTP 404", "HTTP 405"):
+            return ": is `kind` right, and `url` the server's root (or the API base for openai)?"
+    return ""
+
+
+def down_reason(failure: Failure | None) -> str:
+    """Why a provider is down, told apart: unreachable, silent, or answering the wrong thing."""
+    if failure is None:
+        return "unreachable: no answer"
+    where = f"GET {failure.endpoint}" if failure.endpoint else "the collection"
+    if failure.failure is FailureClass.CONNECT:
+        return f"unreachable: {where}: {failure.message}"
+    if failure.failure is FailureClass.TIMEOUT:
+        return f"no answer in time: {where}: {failure.message}"
+    if failure.failure in (FailureClass.HTTP_4XX, FailureClass.HTTP_5XX):
+        return f"the server answered {failure.message} to {where}{_hint(failure)}"
+    return f"unexpected answer to {where}: {failure.message}"
+
+
 def worst(statuses: Sequence[Status]) -> Status:
     """The worst of some verdicts; healthy when there are none."""
     return max(statuses, key=lambda s: s.rank, default=Status.HEALTHY)
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _against(value: float, threshold: Threshold) -> Status:
@@ -91,17 +136,20 @@ def _provider(
         "kind": result.config.kind,
         "probes": {
             model: {
-                "last_success": stats.last_success,
-                "last_duration_seconds": stats.last_duration,
+                "last_success": iso_time(stats.last_success),
+                "last_duration_seconds": _rounded(stats.last_duration),
+                "tokens_per_second": _rounded(stats.tokens_per_second, 1),
                 "consecutive_failures": stats.consecutive_failures,
             }
             for model, stats in sorted(probes.items())
         },
         "up": snapshot.up,
         "ready": snapshot.ready,
-        "response_time_seconds": snapshot.response_time_seconds,
+        "response_time_seconds": _rounded(snapshot.response_time_seconds),
         "models": len(snapshot.models),
+        "loaded_models": [m.name for m in snapshot.models if m.loaded][:MAX_LISTED_MODELS],
         "failures": failures,
+        "notes": list(snapshot.notes),
     }
     name = result.config.name
 
@@ -109,7 +157,7 @@ def _provider(
         return ComponentHealth("provider", name, status, reason, details)
 
     if not snapshot.up:
-        return verdict(Status.UNHEALTHY, f"unreachable: {failures[0] if failures else 'no answer'}")
+        return verdict(Status.UNHEALTHY, down_reason(next(iter(snapshot.failures), None)))
     if not snapshot.ready:
         return verdict(Status.DEGRADED, "up but not ready (loading a model)")
     seconds = snapshot.response_time_seconds or 0.0
@@ -119,7 +167,7 @@ def _provider(
     findings.extend(_probe_verdicts(probes, config))
     bad = [f for f in findings if f[0] is not Status.HEALTHY]
     if not bad:
-        return verdict(Status.HEALTHY, "up")
+        return verdict(Status.HEALTHY, "; ".join(("up", *snapshot.notes)))
     status = worst([s for s, _ in bad])
     return verdict(status, "; ".join(r for _, r in sorted(bad, key=lambda f: -f[0].rank)))
 
@@ -130,10 +178,17 @@ def _connection(results: Sequence[ProviderResult]) -> ComponentHealth:
     if not results:
         return ComponentHealth("connection", "", Status.HEALTHY, "no providers configured", details)
     if not down:
-        reason = f"all {len(results)} providers reachable"
+        reason = (
+            "the provider is reachable"
+            if len(results) == 1
+            else f"all {len(results)} providers reachable"
+        )
         return ComponentHealth("connection", "", Status.HEALTHY, reason, details)
     status = Status.UNHEALTHY if len(down) == len(results) else Status.DEGRADED
-    reason = f"{len(down)} of {len(results)} providers unreachable: {', '.join(down)}"
+    if len(results) == 1:
+        reason = f"the only provider is unreachable: {down[0]}"
+    else:
+        reason = f"{len(down)} of {len(results)} providers unreachable: {', '.join(down)}"
     return ComponentHealth("connection", "", status, reason, details)
 
 

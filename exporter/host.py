@@ -10,6 +10,7 @@ from types import ModuleType
 import psutil
 
 from .config import HostConfig, ProcessMatch
+from .logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class HostReader:
             except OSError as exc:
                 if mount not in self._warned:
                     self._warned.add(mount)
-                    log.warning("cannot read disk usage mount=%s error=%s", mount, exc.strerror)
+                    log.warning(
+                        "cannot read disk usage", extra=fields(mount=mount, error=exc.strerror)
+                    )
                 continue
             disks.append(DiskSnapshot(mount, float(usage.used), float(usage.total)))
         return HostSnapshot(

@@ -54,6 +54,7 @@ SPECS = {
         Spec("llm_provider_response_time_seconds", "gauge", "How long the provider's status endpoint took to answer.", P),
         Spec("llm_exporter_scrape_duration_seconds", "gauge", "How long collecting this provider took.", P),
         Spec("llm_exporter_scrape_success", "gauge", "1 if every request of this provider's collection succeeded.", P),
+        Spec("llm_exporter_series_dropped", "gauge", "Label values of the provider dropped or folded into \"other\" in this scrape to keep series bounded, by family (\"all\": the provider was over max_series).", (*P, "family")),
         # Requests the exporter itself made to providers, since it started.
         Spec("llm_provider_requests_total", "counter", "Requests the exporter made to the provider, by endpoint and outcome (success or failure class).", (*P, "endpoint", "outcome")),
         Spec("llm_provider_request_duration_seconds", "histogram", "Duration of the requests the exporter made to the provider.", P),
@@ -117,6 +118,9 @@ SPECS = {
         Spec("llm_exporter_build_info", "gauge", "The exporter's version (always 1).", ("version", "python_version")),
         Spec("llm_exporter_config_last_reload_successful", "gauge", "1 if the last configuration reload succeeded.", ()),
         Spec("llm_exporter_config_last_reload_success_timestamp_seconds", "gauge", "When the configuration was last loaded successfully.", ()),
+        Spec("llm_exporter_http_connections", "gauge", "Client connections open to the exporter's HTTP server.", ()),
+        Spec("llm_exporter_http_connections_closed_total", "counter", "Client connections closed because --web.max-connections were open (the longest idle first).", ()),
+        Spec("llm_exporter_http_bad_requests_total", "counter", "Malformed HTTP requests received (answered 400 and logged at debug level).", ()),
     )
 }  # fmt: skip
 
@@ -156,6 +160,8 @@ def _provider(out: _Families, result: ProviderResult) -> None:
     out.add("llm_provider_up", [name, result.config.kind], float(snapshot.up))
     out.add("llm_exporter_scrape_duration_seconds", [name], result.duration_seconds)
     out.add("llm_exporter_scrape_success", [name], float(result.success))
+    for family, count in sorted(result.dropped.items()):
+        out.add("llm_exporter_series_dropped", [name, family], float(count))
     if not snapshot.up:
         return
     out.add("llm_provider_ready", [name], float(snapshot.ready))
@@ -290,8 +296,21 @@ class ReloadState:
     success_timestamp: float
 
 
+@dataclass(frozen=True)
+class HttpState:
+    """The exporter's HTTP server: connections open, closed at the limit, malformed requests."""
+
+    connections: int = 0
+    connections_closed: int = 0
+    bad_requests: int = 0
+
+
 def render(
-    collection: Collection, stats: ConnectionStats, probes: ProbeStats, reload: ReloadState
+    collection: Collection,
+    stats: ConnectionStats,
+    probes: ProbeStats,
+    reload: ReloadState,
+    http: HttpState | None = None,
 ) -> list[Metric]:
     """All metric families of one scrape."""
     out = _Families()
@@ -306,4 +325,8 @@ def render(
     out.add(
         "llm_exporter_config_last_reload_success_timestamp_seconds", [], reload.success_timestamp
     )
+    if http is not None:
+        out.add("llm_exporter_http_connections", [], float(http.connections))
+        out.add("llm_exporter_http_connections_closed_total", [], float(http.connections_closed))
+        out.add("llm_exporter_http_bad_requests_total", [], float(http.bad_requests))
     return list(out)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from .client import DURATION_BUCKETS, Buckets
 from .config import Config, ProbeConfig, ProviderConfig
 from .errors import ProviderError
+from .logs import fields
 from .providers import Provider
 from .providers.base import ModelSnapshot, ProbeMeasurement, ProbeSpec
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)  # fmt: skip
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 SUCCESS = "success"
+# A model not probed for this many of its provider's intervals (and at least this many
+# seconds) is forgotten, its series with it.
+FORGET_AFTER_INTERVALS = 5
+FORGET_AFTER_MIN_SECONDS = 300.0
 
 ModelsOf = Callable[[str], Awaitable[tuple[ModelSnapshot, ...] | None]]
 
@@ -100,6 +105,18 @@ class ProbeStats:
         for key in [key for key in self.models if key[0] not in providers]:
             del self.models[key]
 
+    def forget_stale(self, provider: str, probed_before: float, keep: int) -> None:
+        """Drop a provider's models last probed before a time, and all but its keep most
+        recently probed: models come and go, their series must not pile up."""
+        mine = sorted(
+            ((stats.last_run or 0.0, model) for (name, model), stats in self.models.items()
+             if name == provider),
+            reverse=True,
+        )  # fmt: skip
+        for index, (last_run, model) in enumerate(mine):
+            if index >= keep or last_run < probed_before:
+                del self.models[(provider, model)]
+
 
 def schedules(probes: ProbeConfig) -> list[ProbeConfig]:
     """A provider's probes split by schedule: one for each model with an interval of its own,
@@ -169,7 +186,8 @@ class ProbeRunner:
                 await self.run_once(provider, probes)
             except Exception as exc:  # a bug in one round must not end the loop
                 log.warning(
-                    "probe round failed provider=%s error=%s", provider.name, type(exc).__name__
+                    "probe round failed",
+                    extra=fields(provider=provider.name, error=type(exc).__name__),
                 )
             spread = self.rng.uniform(-probes.jitter, probes.jitter)
             await asyncio.sleep(probes.interval * (1 + spread))
@@ -179,6 +197,13 @@ class ProbeRunner:
         models = targets(probes, await self.models_of(provider.name))
         spec = ProbeSpec(probes.prompt, probes.max_tokens, probes.timeout)
         await asyncio.gather(*(self.probe(provider.name, model, spec) for model in models))
+        # Any schedule of the provider may forget: use its longest interval, not this one's.
+        every = provider.probes or probes
+        longest = max([every.interval, *(m.interval or 0.0 for m in every.models)])
+        forget_after = max(FORGET_AFTER_MIN_SECONDS, FORGET_AFTER_INTERVALS * longest)
+        self.stats.forget_stale(
+            provider.name, self.wall_clock() - forget_after, max(provider.max_models, len(models))
+        )
 
     async def probe(self, provider: str, model: str, spec: ProbeSpec) -> None:
         """One probe of one model, recorded."""
@@ -187,7 +212,8 @@ class ProbeRunner:
                 result = await self.providers[provider].probe(model, spec)
             except ProviderError as exc:
                 log.debug(
-                    "probe failed provider=%s model=%s class=%s", provider, model, exc.failure.value
+                    "probe failed",
+                    extra=fields(provider=provider, model=model, error_class=exc.failure.value),
                 )
                 self.stats.record_failure(provider, model, exc, self.wall_clock())
             else:

@@ -6,15 +6,18 @@ import asyncio
 import html
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -24,8 +27,9 @@ from .client import ConnectionStats
 from .collector import Collection, Collector
 from .config import Config, load_config
 from .errors import ConfigError
-from .health import Status
-from .metrics import ReloadState, render
+from .health import Status, plural
+from .logs import BadRequestFilter, fields
+from .metrics import HttpState, ReloadState, render
 from .probes import ProbeRunner, ProbeStats
 from .providers.base import ModelSnapshot
 
@@ -34,6 +38,17 @@ log = logging.getLogger(__name__)
 EXPORTER_KEY: web.AppKey[Exporter] = web.AppKey("exporter")
 # Prometheus sends its scrape timeout; answer before it gives up, whatever the provider does.
 MIN_DEADLINE = 0.1
+# At least this much of a scrape's deadline is kept for rendering the answer.
+MIN_RENDER_RESERVE = 0.02
+# A scrape that joins a collection in progress waits this much past its own deadline.
+GUARD_SECONDS = 0.05
+# Pages with more samples are encoded in a worker thread, not on the event loop.
+ENCODE_IN_THREAD_SAMPLES = 5000
+RELOAD_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 512
+IDLE_TIMEOUT_SECONDS = 15.0
+# On shutdown, requests in progress get this long to finish.
+SHUTDOWN_TIMEOUT_SECONDS = 1.0
 
 
 class Exporter:
@@ -48,11 +63,16 @@ class Exporter:
         ps: ModuleType = psutil,
         nvml: Any = None,
         wall_clock: Callable[[], float] = time.time,
+        rediscover: Callable[[], Awaitable[Config]] | None = None,
+        enable_lifecycle: bool = False,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.rediscover = rediscover
+        self.enable_lifecycle = enable_lifecycle
         self.stats = ConnectionStats()
         self.probe_stats = ProbeStats()
+        self.http = HttpCounters()
         self.registry = registry if registry is not None else _default_registry()
         self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
         self.wall_clock = wall_clock
@@ -62,6 +82,9 @@ class Exporter:
         self.reload_state = ReloadState(successful=True, success_timestamp=wall_clock())
         self._reload_lock = asyncio.Lock()
         self._collecting: asyncio.Task[Collection] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._up: dict[str, bool] = {}
+        self._render_seconds = 0.0
 
     def _new_collector(self, config: Config) -> Collector:
         return Collector(
@@ -103,56 +126,150 @@ class Exporter:
         return self.last is not None
 
     async def collect(self, deadline: float | None = None) -> Collection:
-        """Collect now and remember the result."""
+        """The providers' state now, within the deadline.
+
+        Only one collection runs at a time: callers that arrive while one runs share it,
+        so a flood of scrapes costs the providers one collection. A caller whose deadline
+        passes before the shared collection is done gets the latest finished one.
+        """
+        task = self._collecting
+        if task is None or task.done():
+            task = self._collecting = asyncio.ensure_future(self._collect(deadline))
+        wait = deadline if deadline is not None else self.config.global_.scrape_timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait + GUARD_SECONDS)
+        except TimeoutError:
+            if self.last is not None:
+                return self.last
+            return await asyncio.shield(task)
+
+    async def _collect(self, deadline: float | None) -> Collection:
         collection = await self.collector.collect(deadline)
-        self.last = collection
+        if self.last is None or collection.finished_at >= self.last.finished_at:
+            self.last = collection
+        self._log_changes(collection)
         return collection
 
-    async def fresh(self) -> Collection:
-        """The latest collection, collecting again if it is older than health.max_age.
+    def _log_changes(self, collection: Collection) -> None:
+        """One line when a provider goes down or comes back, with the reason."""
+        reasons = {c.provider: c.reason for c in collection.health.components if c.provider}
+        for result in collection.providers:
+            name, up = result.config.name, result.snapshot.up
+            if self._up.get(name) == up:
+                continue
+            self._up[name] = up
+            extra = fields(provider=name, kind=result.config.kind, reason=reasons.get(name, ""))
+            if up:
+                log.info("provider up", extra=extra)
+            else:
+                log.warning("provider down", extra=extra)
 
-        Callers that arrive while such a collection runs share it.
-        """
+    async def fresh(self) -> Collection:
+        """The latest collection, collecting again if it is older than health.max_age."""
         last = self.last
         if last is not None and self.wall_clock() - last.finished_at <= self.config.health.max_age:
             return last
-        if self._collecting is None or self._collecting.done():
-            self._collecting = asyncio.ensure_future(self.collect())
-        return await asyncio.shield(self._collecting)
+        return await self.collect()
 
     def metrics(self, collection: Collection) -> Iterable[Metric]:
         """The families of one scrape: the exporter's own process, then the collection."""
         yield from self.registry.collect()
-        yield from render(collection, self.stats, self.probe_stats, self.reload_state)
+        yield from render(
+            collection, self.stats, self.probe_stats, self.reload_state, self.http.state()
+        )
 
-    async def reload(self) -> None:
-        """Load the configuration file again; keep the running one if the new one is invalid."""
+    @property
+    def render_reserve(self) -> float:
+        """Seconds of a scrape's deadline kept for rendering and sending the answer."""
+        return max(MIN_RENDER_RESERVE, 2 * self._render_seconds)
+
+    def note_render(self, seconds: float) -> None:
+        """Remember how long rendering took (a moving average), for the next deadline."""
+        self._render_seconds = 0.7 * self._render_seconds + 0.3 * seconds
+
+    async def _load(self) -> Config:
+        if self.config_path is not None:
+            return await asyncio.to_thread(load_config, self.config_path)
+        if self.rediscover is not None:
+            return await self.rediscover()
+        raise ConfigError("", "no configuration file to reload")
+
+    async def reload(self) -> bool:
+        """Load the configuration again and swap it in; True if it changed.
+
+        An invalid configuration is refused and the running one kept. Reloads run one at
+        a time; collections in progress finish on the clients they started with, which
+        are closed only after them.
+        """
         async with self._reload_lock:
-            if self.config_path is None:
-                raise ConfigError("", "no configuration file to reload")
             try:
-                config = await asyncio.to_thread(load_config, self.config_path)
-            except ConfigError:
+                config = await asyncio.wait_for(self._load(), RELOAD_TIMEOUT_SECONDS)
+            except (ConfigError, TimeoutError) as exc:
                 self.reload_state = ReloadState(False, self.reload_state.success_timestamp)
+                if isinstance(exc, TimeoutError):
+                    raise ConfigError(
+                        "",
+                        f"not read within {RELOAD_TIMEOUT_SECONDS:g}s",
+                        file=str(self.config_path),
+                    ) from None
                 raise
+            self.reload_state = ReloadState(True, self.wall_clock())
+            if config == self.config:
+                log.info("configuration reloaded: unchanged")
+                return False
             probing = self.probes is not None
             await self.stop_probes()
-            old, self.collector = self.collector, self._new_collector(config)
-            self.config = config
+            old, in_flight = self.collector, self._collecting
+            self.collector, self.config, self._collecting = (
+                self._new_collector(config),
+                config,
+                None,
+            )
             names = {p.name for p in config.providers}
             self.stats.forget_except(names)
             self.probe_stats.forget_except(names)
-            self.reload_state = ReloadState(True, self.wall_clock())
-            await old.aclose()
+            self._up = {name: up for name, up in self._up.items() if name in names}
+            retiring = asyncio.ensure_future(_close_after(old, in_flight))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
             if probing:
                 self.start_probes()
-            log.info("configuration reloaded providers=%d", len(config.providers))
-        await self.collect()
+            log.info("configuration reloaded", extra=fields(providers=len(config.providers)))
+            return True
+
+    def cancel_collection(self) -> None:
+        """Stop the collection in progress (on shutdown: nobody waits for its answer)."""
+        if self._collecting is not None:
+            self._collecting.cancel()
 
     async def aclose(self) -> None:
-        """Stop probing and close the provider clients."""
+        """Stop probing and collecting, and close the provider clients."""
         await self.stop_probes()
+        self.cancel_collection()
+        if self._collecting is not None:
+            await asyncio.gather(self._collecting, return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.collector.aclose()
+
+
+async def _close_after(collector: Collector, in_flight: asyncio.Task[Collection] | None) -> None:
+    """Close a replaced collector's clients once the collection using them is done."""
+    if in_flight is not None:
+        await asyncio.gather(in_flight, return_exceptions=True)
+    await collector.aclose()
+
+
+class HttpCounters:
+    """What the exporter's own HTTP server saw: connections and malformed requests."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.connections_closed = 0
+        self.bad_requests = BadRequestFilter()
+
+    def state(self) -> HttpState:
+        """The counts as plain data, for the renderer."""
+        return HttpState(self.connections, self.connections_closed, self.bad_requests.count)
 
 
 def _default_registry() -> CollectorRegistry:
@@ -183,14 +300,24 @@ def scrape_deadline(header: str | None, config: Config) -> float:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    """Collect every provider now and answer in the format the scraper asked for."""
+    """Collect every provider now and answer in the format the scraper asked for.
+
+    The collection gets the scrape's deadline less what rendering takes, so the answer
+    reaches the scraper in time even when the providers use all of theirs.
+    """
     exporter = request.app[EXPORTER_KEY]
     deadline = scrape_deadline(
         request.headers.get("X-Prometheus-Scrape-Timeout-Seconds"), exporter.config
     )
-    collection = await exporter.collect(deadline)
+    collection = await exporter.collect(max(MIN_DEADLINE, deadline - exporter.render_reserve))
+    started = time.perf_counter()
+    families = list(exporter.metrics(collection))
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(_Scrape(list(exporter.metrics(collection))))
+    if sum(len(family.samples) for family in families) > ENCODE_IN_THREAD_SAMPLES:
+        body = await asyncio.to_thread(encoder, _Scrape(families))
+    else:
+        body = encoder(_Scrape(families))
+    exporter.note_render(time.perf_counter() - started)
     response = web.Response(body=body, headers={"Content-Type": content_type})
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         response.enable_compression(web.ContentCoding.gzip)
@@ -233,53 +360,132 @@ async def handle_ready(request: web.Request) -> web.Response:
 
 
 async def handle_reload(request: web.Request) -> web.Response:
-    """Reload the configuration file (POST), as SIGHUP does."""
+    """Reload the configuration file (POST), as SIGHUP does; only with --web.enable-lifecycle."""
+    exporter = request.app[EXPORTER_KEY]
+    if not exporter.enable_lifecycle:
+        return web.Response(
+            text="lifecycle API is not enabled: start with --web.enable-lifecycle"
+            " (SIGHUP always reloads)\n",
+            status=403,
+        )
     try:
-        await request.app[EXPORTER_KEY].reload()
+        changed = await exporter.reload()
     except ConfigError as exc:
-        log.error("configuration reload failed: %s", exc)
+        log.error("configuration reload failed, keeping the running one", extra=fields(error=exc))
         return web.Response(text=f"{exc}\n", status=500)
-    return web.Response(text="OK\n")
+    return web.Response(text="OK\n" if changed else "OK (unchanged)\n")
 
 
 async def handle_index(request: web.Request) -> web.Response:
-    """A landing page that links the endpoints and lists the providers with their state."""
+    """A landing page: the overall verdict, then each provider's state, models and probes."""
     exporter = request.app[EXPORTER_KEY]
+    collection = exporter.last
+    page = landing_page(exporter.config, collection, exporter.probe_stats)
+    return web.Response(text=page, content_type="text/html")
+
+
+def landing_page(config: Config, collection: Collection | None, probes: ProbeStats) -> str:
+    """The landing page's HTML."""
+    verdicts = {c.provider: c for c in collection.health.components} if collection else {}
+    results = {r.config.name: r for r in collection.providers} if collection else {}
+    by_provider = probes.by_provider()
     rows = []
-    verdicts = {c.provider: c for c in exporter.last.health.components} if exporter.last else {}
-    for provider in exporter.config.providers:
+    for provider in config.providers:
         verdict = verdicts.get(provider.name)
         state = verdict.status.value if verdict else "not collected yet"
-        reason = verdict.reason if verdict else ""
-        rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(cell)}</td>"
-                for cell in (provider.name, provider.kind, provider.url, state, reason)
-            )
-            + "</tr>"
+        result = results.get(provider.name)
+        loaded = [m.name for m in result.snapshot.models if m.loaded] if result else []
+        speeds = [
+            f"{model}: {stats.tokens_per_second:.1f} tokens/s"
+            for model, stats in sorted(by_provider.get(provider.name, {}).items())
+            if stats.tokens_per_second is not None
+        ]
+        cells = (
+            _cell(provider.name),
+            _cell(provider.kind),
+            _cell(display_url(provider.url)),
+            f'<td class="{html.escape(state.split()[0])}">{html.escape(state)}</td>',
+            _cell(verdict.reason if verdict else ""),
+            _cell(_listed(loaded) or "none"),
+            _cell(_listed(speeds) or "not probed"),
         )
-    page = _INDEX.format(
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    if collection is None:
+        overall, summary = "unknown", "not collected yet"
+    else:
+        overall = collection.health.status.value
+        bad = [c for c in collection.health.components if c.status is not Status.HEALTHY]
+        summary = "; ".join(f"{c.key}: {c.reason}" for c in bad) or "every component healthy"
+    return _INDEX.format(
         version=__version__,
-        rows="\n".join(rows) or '<tr><td colspan="5">no providers configured</td></tr>',
+        overall=html.escape(overall),
+        summary=html.escape(summary),
+        count=plural(len(config.providers), "provider"),
+        rows="\n".join(rows) or '<tr><td colspan="7">no providers configured</td></tr>',
     )
-    return web.Response(text=page, content_type="text/html")
+
+
+def _cell(text: str) -> str:
+    return f"<td>{html.escape(text)}</td>"
+
+
+def _listed(items: list[str], limit: int = 10) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+_SECRET_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._~-]{0,23}$")
+
+
+def display_url(url: str) -> str:
+    """A URL fit to show: no user info, query or fragment, and path parts that may be
+    tokens (long, or with more than four digits) replaced by ***."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    segments = [
+        s if _SECRET_LIKE.match(s) and sum(c.isdigit() for c in s) <= 4 else "***"
+        for s in parts.path.split("/")[1:]
+        if s
+    ]
+    path = "/" + "/".join(segments) if segments else ""
+    return f"{parts.scheme}://{netloc}{path}"
 
 
 _INDEX = """<!doctype html>
 <html><head><meta charset="utf-8"><title>llm-exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style>
+<style>
+body{{font-family:sans-serif;margin:2em;color:#222}}
+td,th{{padding:.3em 1em;text-align:left;vertical-align:top}}
+tr:nth-child(even){{background:#f6f6f6}}
+.verdict{{font-size:1.4em;padding:.5em 1em;border-radius:.3em;display:inline-block}}
+.healthy{{background:#d4f4dd;color:#135e2a}}
+.degraded{{background:#fff1c2;color:#7a5200}}
+.unhealthy{{background:#fbd5d5;color:#8a1111}}
+.unknown,.not{{background:#e6e6e6;color:#444}}
+</style>
 </head><body>
 <h1>llm-exporter {version}</h1>
+<p class="verdict {overall}">Overall: <b>{overall}</b></p>
+<p>{summary}</p>
+<h2>Providers ({count})</h2>
+<table><tr><th>name</th><th>kind</th><th>url</th><th>state</th><th>reason</th>
+<th>loaded models</th><th>last probe speed</th></tr>
+{rows}
+</table>
+<h2>Endpoints</h2>
 <ul>
 <li><a href="metrics">/metrics</a>: Prometheus metrics (collects every provider now)</li>
 <li><a href="health">/health</a>: health verdict as JSON</li>
 <li><a href="-/healthy">/-/healthy</a> and <a href="-/ready">/-/ready</a>: liveness and readiness</li>
 </ul>
-<h2>Providers</h2>
-<table><tr><th>name</th><th>kind</th><th>url</th><th>state</th><th>reason</th></tr>
-{rows}
-</table></body></html>
+<h2>Documentation</h2>
+<p>In the llm-exporter repository and package: <code>docs/metrics.md</code> (every metric),
+<code>docs/configuration.md</code> (every key), <code>docs/runbooks.md</code> (what each
+alert means and how to fix it), and the README's Troubleshooting section.</p>
+</body></html>
 """
 
 
@@ -293,14 +499,75 @@ def create_app(exporter: Exporter) -> web.Application:
     app.router.add_get("/-/healthy", handle_healthy)
     app.router.add_get("/-/ready", handle_ready)
     app.router.add_post("/-/reload", handle_reload)
-    app.on_startup.append(_start_probes)
-    app.on_cleanup.append(_stop_probes)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
     return app
 
 
-async def _start_probes(app: web.Application) -> None:
-    app[EXPORTER_KEY].start_probes()
+async def _start(app: web.Application) -> None:
+    exporter = app[EXPORTER_KEY]
+    logging.getLogger("aiohttp.server").addFilter(exporter.http.bad_requests)
+    exporter.start_probes()
 
 
-async def _stop_probes(app: web.Application) -> None:
-    await app[EXPORTER_KEY].stop_probes()
+async def _stop(app: web.Application) -> None:
+    exporter = app[EXPORTER_KEY]
+    logging.getLogger("aiohttp.server").removeFilter(exporter.http.bad_requests)
+    await exporter.stop_probes()
+
+
+async def start_runner(
+    exporter: Exporter,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+) -> web.AppRunner:
+    """A set-up runner for the exporter's app whose client connections are bounded.
+
+    A connection that sends no complete request within idle_timeout (an idle keep-alive,
+    or headers sent slowly) is closed, and at most max_connections stay open.
+    """
+    runner = web.AppRunner(
+        create_app(exporter),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=idle_timeout,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+    )
+    await runner.setup()
+    assert runner.server is not None
+    limit_connections(runner.server, max_connections, exporter.http)
+    return runner
+
+
+def limit_connections(server: web.Server, limit: int, counters: HttpCounters) -> None:
+    """Keep at most limit connections open: past it, close the oldest idle one (so idle
+    sockets cannot lock a scraper out), or the new one when every other is busy."""
+    admit, lose = server.connection_made, server.connection_lost
+    # Open and not being closed, oldest first (aiohttp forgets a connection only once its
+    # handler task is done, so server.connections lags behind).
+    alive: dict[RequestHandler, None] = {}
+
+    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+        admit(handler, transport)
+        alive[handler] = None
+        if len(alive) > limit:
+            idle = (h for h in alive if h is not handler and _idle(h))
+            evicted = next(idle, handler)
+            del alive[evicted]
+            evicted.force_close()
+            counters.connections_closed += 1
+        counters.connections = len(alive)
+
+    def connection_lost(handler: RequestHandler, exc: BaseException | None) -> None:
+        lose(handler, exc)
+        alive.pop(handler, None)
+        counters.connections = len(alive)
+
+    # aiohttp's Server has no hook for this: wrap the two methods its handlers call.
+    setattr(server, "connection_made", connection_made)  # noqa: B010
+    setattr(server, "connection_lost", connection_lost)  # noqa: B010
+
+
+def _idle(handler: RequestHandler) -> bool:
+    return getattr(handler, "_current_request", None) is None

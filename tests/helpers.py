@@ -39,6 +39,10 @@ class Scrape:
             (got, v) for n, got, v in self.samples if n == name and labels.items() <= got.items()
         ]
 
+    def all_of(self, **labels: str) -> list[tuple[str, dict[str, str], float]]:
+        """Every sample with these labels, whatever its name."""
+        return [sample for sample in self.samples if labels.items() <= sample[1].items()]
+
     def names(self) -> set[str]:
         """The sample names present."""
         return {n for n, _, _ in self.samples}

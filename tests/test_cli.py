@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from exporter.config import dump_config, parse_config
+from exporter.discovery import LLAMACPP, discover
 from llamacpp_server import LlamaCppServer, free_port
 from tests.helpers import parse, provider_yaml
 
@@ -132,7 +139,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert second.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in second.stderr
+    assert "cannot listen" in second.stderr
+    assert f'address=127.0.0.1:{port} error="address already in use"' in second.stderr
     assert "Traceback" not in second.stderr
 
 
@@ -157,3 +165,117 @@ def test_version() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("llm-exporter 0.")
+
+
+def scrape_ignoring_the_end(url: str) -> None:
+    """One scrape that the exporter may end by shutting down."""
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.get(f"{url}/metrics", timeout=30)
+
+
+def test_sigterm_does_not_wait_for_a_hanging_provider(tmp_path: Path) -> None:
+    """Regression: shutdown waited for the slowest collection (24 s with a 25 s timeout)."""
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(16)  # accepts connections, never answers
+    try:
+        url = f"http://127.0.0.1:{hanging.getsockname()[1]}"
+        config = tmp_path / "llm-exporter.yml"
+        config.write_text(f"providers:\n{provider_yaml('stuck', 'vllm', url, timeout='25s')}\n")
+        with exporter_process(config) as (process, exporter_url):
+            scrape = threading.Thread(target=scrape_ignoring_the_end, args=(exporter_url,))
+            scrape.start()
+            time.sleep(1)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(20)
+            stopped_after = time.monotonic() - started
+    finally:
+        hanging.close()
+    scrape.join(30)
+    assert status == 0
+    assert stopped_after < 10
+
+
+def test_provider_state_changes_are_logged_once_with_fields(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = tmp_path / "llm-exporter.yml"
+    config.write_text(f"providers:\n{provider_yaml('gone', 'ollama', dead)}\n")
+    with exporter_process(config, "--log.format", "json") as (process, url):
+        for _ in range(3):
+            httpx.get(f"{url}/metrics", timeout=10)
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert process.stderr is not None
+        records = [json.loads(line) for line in process.stderr.read().strip().splitlines()]
+    down = [r for r in records if r["msg"] == "provider down"]
+    assert len(down) == 1
+    assert down[0]["provider"] == "gone" and down[0]["level"] == "warn"
+    assert down[0]["reason"].startswith("unreachable: GET /api/version: ")
+
+
+def test_a_missing_config_file_names_its_absolute_path_and_the_example(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.file", "nowhere.yml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert str(tmp_path / "nowhere.yml") in result.stderr
+    assert "llm-exporter.example.yml" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_config_finds_a_llamacpp_server_and_prints_it(
+    tmp_path: Path, llama_server: LlamaCppServer
+) -> None:
+    """discover() on any port (the real llama-server's), and --config.print of what it found."""
+    found = asyncio.run(discover(ports={llama_server.port: (LLAMACPP,)}))
+    assert [(p.name, p.kind, p.url) for p in found.providers] == [
+        ("llamacpp", "llamacpp", f"http://127.0.0.1:{llama_server.port}")
+    ]
+    assert parse_config(dump_config(found)).providers == found.providers
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on this 127.0.0.1 port."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_no_arguments_on_a_host_running_llama_server_serves_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The user's first run: llama-server on its default port, `llm-exporter` with nothing."""
+    default = next((p for p in (8080, 9931) if port_is_free(p)), None)
+    assert default is not None, "both llama-server default ports 8080 and 9931 are taken here"
+    port = free_port()
+    with LlamaCppServer(tiny_model, port=default):
+        printed = subprocess.run(
+            [sys.executable, "-m", "exporter", "--config.print"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}"],
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(200):
+                try:
+                    if httpx.get(f"{url}/-/healthy", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            wait_ready(url)
+            scrape = parse(httpx.get(f"{url}/metrics", timeout=10).text)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(10)
+    assert printed.returncode == 0, printed.stderr
+    assert parse_config(printed.stdout).providers[0].url == f"http://127.0.0.1:{default}"
+    assert scrape.value("llm_provider_up", provider="llamacpp", kind="llamacpp") == 1
+    assert process.stderr is not None
+    assert "found a provider" in process.stderr.read()

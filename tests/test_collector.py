@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from exporter.collector import bounded
-from exporter.providers.base import EngineSnapshot, ModelSnapshot, ProviderSnapshot
+import math
+
+from exporter.collector import MAX_BUCKETS, MAX_LABEL_VALUES, bounded
+from exporter.providers.base import EngineSnapshot, HistogramData, ModelSnapshot, ProviderSnapshot
 from tests.helpers import config_of, provider_yaml, running
 from tests.standins import StandIn, ollama_routes
 
@@ -25,7 +27,43 @@ def test_bounded_caps_models_and_engines_alike() -> None:
         models=tuple(ModelSnapshot(name=f"m{i}") for i in range(3)),
         engines=tuple(EngineSnapshot(model=f"m{i}") for i in range(3)),
     )
-    capped = bounded(snapshot, 2)
+    capped, dropped = bounded(snapshot, 2, 10_000)
     assert [m.name for m in capped.models] == ["m0", "m1"]
     assert [e.model for e in capped.engines] == ["m0", "m1"]
-    assert bounded(snapshot, 100) == snapshot
+    assert dropped == {"llm_model_info": 1, "llm_requests_running": 1}
+    assert bounded(snapshot, 100, 10_000) == (snapshot, {})
+
+
+def test_bounded_keeps_each_model_name_once() -> None:
+    """Names that were different before cleaning would be duplicate series after it."""
+    snapshot = ProviderSnapshot(
+        up=True,
+        models=(ModelSnapshot(name="twin", size_bytes=1), ModelSnapshot(name="twin", size_bytes=2)),
+        engines=(EngineSnapshot(model="twin"), EngineSnapshot(model="twin")),
+    )
+    capped, _ = bounded(snapshot, 100, 10_000)
+    assert [m.size_bytes for m in capped.models] == [1]
+    assert len(capped.engines) == 1
+
+
+def test_folding_keeps_the_largest_reasons_and_the_total() -> None:
+    reasons = {f"r{i:03d}": float(i) for i in range(100)}
+    snapshot = ProviderSnapshot(up=True, engines=(EngineSnapshot("m", finished_requests=reasons),))
+    capped, dropped = bounded(snapshot, 100, 10_000)
+    kept = capped.engines[0].finished_requests
+    assert len(kept) == MAX_LABEL_VALUES
+    assert sum(kept.values()) == sum(reasons.values())
+    assert "r099" in kept and "r000" not in kept
+    assert dropped == {"llm_requests_finished_total": 100 - MAX_LABEL_VALUES + 1}
+
+
+def test_thinned_histogram_is_still_cumulative_and_ends_in_inf() -> None:
+    buckets = (*tuple((float(i), float(i)) for i in range(1, 1000)), (math.inf, 1000.0))
+    histogram = HistogramData(buckets, 5.0)
+    snapshot = ProviderSnapshot(up=True, engines=(EngineSnapshot("m", request_duration=histogram),))
+    capped, _ = bounded(snapshot, 100, 10_000)
+    thinned = capped.engines[0].request_duration
+    assert thinned is not None
+    assert len(thinned.buckets) <= MAX_BUCKETS
+    assert thinned.buckets[-1] == (math.inf, 1000.0)
+    assert set(thinned.buckets) <= set(buckets)

@@ -64,7 +64,7 @@ def test_one_provider_down_of_two() -> None:
         up=False, failures=(Failure("/api/version", FailureClass.CONNECT, "refused"),)
     )
     got = verdicts([result("a", UP), result("b", down)], Resources(None, {}, ()))
-    assert got["provider/b"] == (Status.UNHEALTHY, "unreachable: /api/version connect: refused")
+    assert got["provider/b"] == (Status.UNHEALTHY, "unreachable: GET /api/version: refused")
     assert got["connection"] == (Status.DEGRADED, "1 of 2 providers unreachable: b")
     assert got["overall"][0] is Status.UNHEALTHY
 
@@ -124,3 +124,43 @@ def test_probe_failures_and_slow_probes_judge_the_provider() -> None:
     stats.record("c", "phi", ProbeMeasurement(0.2, 0.05, 16, 20, 0.01, 100.0), at=3.0)
     report = evaluate(results, Resources(None, {}, ()), stats.by_provider(), HealthConfig())
     assert {c.key: c.status for c in report.components}["provider/c"] is Status.HEALTHY
+
+
+def test_down_reasons_tell_unreachable_from_a_wrong_kind_or_key() -> None:
+    cases = {
+        Failure("/api/version", FailureClass.HTTP_4XX, "HTTP 404"): (
+            "the server answered HTTP 404 to GET /api/version: is `kind` right"
+        ),
+        Failure("/models", FailureClass.HTTP_4XX, "HTTP 401"): (
+            "the server answered HTTP 401 to GET /models: check api_key"
+        ),
+        Failure("/health", FailureClass.TIMEOUT, "no answer within 5s"): (
+            "no answer in time: GET /health: no answer within 5s"
+        ),
+        Failure("/health", FailureClass.HTTP_5XX, "HTTP 503"): (
+            "the server answered HTTP 503 to GET /health"
+        ),
+        Failure("/api/version", FailureClass.INVALID_RESPONSE, "expected JSON, got HTML"): (
+            "unexpected answer to GET /api/version: expected JSON, got HTML"
+        ),
+    }
+    for failure, reason in cases.items():
+        got = verdicts(
+            [result("p", ProviderSnapshot(up=False, failures=(failure,)))], Resources(None, {}, ())
+        )
+        assert got["provider/p"][0] is Status.UNHEALTHY
+        assert got["provider/p"][1].startswith(reason), got["provider/p"][1]
+
+
+def test_an_engine_without_metrics_is_said_not_hidden() -> None:
+    quiet = ProviderSnapshot(
+        up=True,
+        ready=True,
+        response_time_seconds=0.01,
+        notes=("engine metrics off: start llama-server with --metrics",),
+    )
+    got = verdicts([result("llama", quiet)], Resources(None, {}, ()))
+    assert got["provider/llama"] == (
+        Status.HEALTHY,
+        "up; engine metrics off: start llama-server with --metrics",
+    )

@@ -63,7 +63,8 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
             ),
             provider_yaml("ollama", "ollama", ollama.url, probes="{interval: 1h, jitter: 0}"),
             provider_yaml("vllm", "vllm", vllm.url),
-            provider_yaml("api", "openai", f"{openai.url}/v1"),
+            # Two models, one allowed: the dropped one shows in llm_exporter_series_dropped.
+            provider_yaml("api", "openai", f"{openai.url}/v1", max_models=1),
         )
         assert llama_server.pid is not None
         async with running(config, nvml=StandInNvml(llama_server.pid)) as exporter:

@@ -8,13 +8,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
 from exporter.config import ProbeConfig, ProbeModel
-from exporter.probes import schedules, targets
+from exporter.probes import ProbeRunner, schedules, targets
 from exporter.providers.base import ModelSnapshot, ProbeSpec
 from llamacpp_server import LlamaCppServer
 from tests.helpers import Running, Scrape, config_of, parse, provider_yaml, running
-from tests.standins import StandIn, ollama_chat, ollama_routes, openai_routes, sse_chat
+from tests.standins import (
+    Handler,
+    StandIn,
+    ollama_chat,
+    ollama_routes,
+    openai_routes,
+    sse_chat,
+)
 
 # Probes start at once (jitter 0) and then wait an hour: the tests run the later rounds.
 ONCE = "{interval: 1h, jitter: 0, max_tokens: %d, timeout: %s%s}"
@@ -229,3 +237,83 @@ async def test_each_schedule_runs_on_its_own_interval() -> None:
                 await asyncio.sleep(0.1)
     assert fast >= 4
     assert scrape.value("llm_probe_requests_total", model="text-embedding-3-small") == 1
+
+
+def raw_stream(body: bytes, content_type: str = "text/event-stream") -> Handler:
+    """A streamed answer that sends these bytes."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        try:
+            for start in range(0, len(body), 64 * 1024):
+                await response.write(body[start : start + 64 * 1024])
+        except (ConnectionError, RuntimeError):
+            pass  # the exporter stopped reading, as it should
+        return response
+
+    return handle
+
+
+BOMB = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("kind", "endpoint", "body"),
+    [
+        ("openai", "/v1/chat/completions", b"data: " + BOMB + b"\n\n"),
+        ("openai", "/v1/chat/completions", b"data: " + b"x" * (4 * 1024 * 1024) + b"\n\n"),
+        ("ollama", "/api/chat", BOMB + b"\n"),
+    ],
+    ids=["sse JSON bomb", "sse giant line", "ndjson JSON bomb"],
+)
+async def test_a_bomb_in_a_probe_stream_is_a_counted_failure(
+    kind: str, endpoint: str, body: bytes
+) -> None:
+    """Regression: a giant line or a JSON bomb in a probe stream was never recorded at all."""
+    routes = {**openai_routes(), **ollama_routes(), endpoint: raw_stream(body)}
+    async with StandIn(routes) as server:
+        url = f"{server.url}/v1" if kind == "openai" else server.url
+        model = "gpt-4o-mini" if kind == "openai" else "mistral:latest"
+        config = config_of(provider_yaml("p", kind, url, probes=probes(8, "5s", f"[{model}]")))
+        async with running(config) as exporter:
+            scrape = await first_probe(exporter, "p")
+            health = (await exporter.http.get("/health")).json()
+    assert scrape.value("llm_probe_requests_total", model=model, outcome="invalid_response") == 1
+    verdict = health["components"]["provider/p"]
+    assert verdict["status"] == "degraded"
+    assert f"probe of {model} failed: invalid_response" in verdict["reason"]
+
+
+async def test_probe_series_of_models_that_went_away_are_forgotten() -> None:
+    """Regression: loaded-model names that keep changing grew the probe series without end."""
+    round_number = 0
+
+    async def changing_ps(request: web.Request) -> web.Response:
+        models = [{"name": f"m{round_number}-{i}", "size": 1} for i in range(3)]
+        return web.json_response({"models": models})
+
+    words = ("Hi", ".")
+    routes = ollama_routes(**{"/api/ps": changing_ps, "/api/chat": ollama_chat(words, 1, 1)})
+    now = [1_000_000.0]
+    async with StandIn(routes) as server:
+        config = config_of(provider_yaml("o", "ollama", server.url, max_models=5))
+        async with running(config, wall_clock=lambda: now[0]) as exporter:
+            provider = exporter.exporter.config.providers[0]
+            runner = ProbeRunner(
+                exporter.exporter.config,
+                exporter.exporter.collector.by_name,
+                exporter.exporter.probe_stats,
+                exporter.exporter.models_of,
+                wall_clock=lambda: now[0],
+            )
+            schedule = ProbeConfig(interval=60.0, jitter=0.0)
+            for round_number in range(40):  # noqa: B007  (changing_ps reads it)
+                now[0] += 60
+                await runner.run_once(provider, schedule)
+            scrape = await exporter.scrape()
+    probed = {labels["model"] for labels, _ in scrape.all("llm_probe_requests_total")}
+    # Never more than max_models, and only models probed within the last few intervals.
+    assert len(probed) <= 5
+    assert probed <= {f"m{r}-{i}" for r in (37, 38, 39) for i in range(3)}
+    assert {"m39-0", "m39-1", "m39-2"} <= probed

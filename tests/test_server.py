@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
 from pathlib import Path
 
+import httpx
+import pytest
+from aiohttp import web
+
 from exporter.config import load_config
-from exporter.server import scrape_deadline
+from exporter.server import Exporter, display_url, scrape_deadline, start_runner
 from tests.helpers import config_of, parse, provider_yaml, running
 from tests.standins import StandIn, closed_port, delayed, json_reply, ollama_routes
 
@@ -43,7 +49,7 @@ async def test_health_is_503_when_unhealthy_and_200_when_degraded() -> None:
     assert unhealthy.status_code == 503
     assert unhealthy.json()["status"] == "unhealthy"
     assert unhealthy.json()["components"]["connection"]["reason"] == (
-        "1 of 1 providers unreachable: dead"
+        "the only provider is unreachable: dead"
     )
     assert degraded.status_code == 200
     assert degraded.json()["status"] == "degraded"
@@ -72,7 +78,7 @@ async def test_liveness_readiness_and_landing_page() -> None:
     assert ready.status_code == 200
     assert "not collected yet" in before.text
     assert 'href="metrics"' in after.text and 'href="health"' in after.text
-    assert "<td>ollama</td>" in after.text and "<td>healthy</td>" in after.text
+    assert "<td>ollama</td>" in after.text and '<td class="healthy">healthy</td>' in after.text
 
 
 async def test_openmetrics_and_gzip_when_asked() -> None:
@@ -97,7 +103,7 @@ async def test_reload_swaps_a_valid_config_and_keeps_the_running_one_otherwise(
         one = provider_yaml("one", "ollama", first.url)
         two = provider_yaml("two", "ollama", second.url)
         file.write_text(f"providers:\n{one}\n{NO_HOST}")
-        async with running(load_config(file), config_path=file) as served:
+        async with running(load_config(file), config_path=file, enable_lifecycle=True) as served:
             before = await served.scrape()
             file.write_text(f"providers:\n{one}\n{two}\n{NO_HOST}")
             swapped = await served.http.post("/-/reload")
@@ -111,7 +117,8 @@ async def test_reload_swaps_a_valid_config_and_keeps_the_running_one_otherwise(
     assert after.value("llm_provider_up", provider="two") == 1
     assert after.value("llm_exporter_config_last_reload_successful") == 1
     assert refused.status_code == 500
-    assert refused.text.startswith(f"config error: {file}:3: providers[0].kind: unknown kind")
+    assert f"config error: {file}:3: providers[0].kind: unknown kind" in refused.text
+    assert f"config error: {file}:2: providers[0].url: is required" in refused.text
     assert kept.value("llm_provider_up", provider="two") == 1
     assert kept.value("llm_exporter_config_last_reload_successful") == 0
     assert wrong_method.status_code == 405
@@ -124,3 +131,135 @@ def test_scrape_deadline_follows_prometheus_less_the_margin() -> None:
     assert scrape_deadline("not a number", config) == 6.5
     assert scrape_deadline("nan", config) == 6.5
     assert scrape_deadline("0.2", config) == 0.1
+
+
+async def test_reload_during_a_scrape_keeps_every_provider_up(tmp_path: Path) -> None:
+    """Regression: a reload closed the clients a scrape in progress was using (up 0 for all)."""
+    slow_version = delayed(0.3, json_reply({"version": "0.5.1"}))
+    async with StandIn(ollama_routes(**{"/api/version": slow_version})) as server:
+        file = tmp_path / "llm-exporter.yml"
+        one = provider_yaml("one", "ollama", server.url)
+        file.write_text(f"providers:\n{one}\n{NO_HOST}")
+        async with running(load_config(file), config_path=file, enable_lifecycle=True) as served:
+            scrapes = [asyncio.ensure_future(served.scrape()) for _ in range(3)]
+            reloads = []
+            for timeout in ("4s", "5s", "6s"):  # each a real change: new clients every time
+                await asyncio.sleep(0.05)
+                file.write_text(f"providers:\n{one}\n    timeout: {timeout}\n{NO_HOST}")
+                reloads.append(await served.http.post("/-/reload"))
+            during = await asyncio.gather(*scrapes)
+            after = await served.scrape()
+    assert [r.status_code for r in reloads] == [200, 200, 200]
+    assert [s.value("llm_provider_up", provider="one") for s in during] == [1, 1, 1]
+    assert after.value("llm_provider_up", provider="one") == 1
+    assert after.all("llm_provider_requests_total", outcome="connect") == []
+
+
+async def test_reload_is_refused_without_the_lifecycle_flag_and_cheap_when_unchanged(
+    tmp_path: Path,
+) -> None:
+    async with StandIn(ollama_routes()) as server:
+        file = tmp_path / "llm-exporter.yml"
+        file.write_text(f"providers:\n{provider_yaml('one', 'ollama', server.url)}\n{NO_HOST}")
+        async with running(load_config(file), config_path=file) as served:
+            refused = await served.http.post("/-/reload")
+            collector = served.exporter.collector
+            changed = await served.exporter.reload()
+            same_collector = served.exporter.collector is collector
+            scrape = await served.scrape()
+    assert refused.status_code == 403
+    assert "--web.enable-lifecycle" in refused.text
+    assert changed is False and same_collector
+    assert scrape.value("llm_exporter_config_last_reload_successful") == 1
+
+
+async def test_concurrent_scrapes_share_one_collection() -> None:
+    """Regression: every /metrics request fanned out to every provider."""
+    slow_version = delayed(0.2, json_reply({"version": "0.5.1"}))
+    async with StandIn(ollama_routes(**{"/api/version": slow_version})) as server:
+        config = config_of(provider_yaml("ollama", "ollama", server.url), rest=NO_HOST)
+        async with running(config) as exporter:
+            scrapes = await asyncio.gather(*(exporter.scrape() for _ in range(200)))
+    assert all(s.value("llm_provider_up", provider="ollama") == 1 for s in scrapes)
+    # 200 scrapes in one burst: a handful of collections, not 200 per endpoint.
+    assert server.hits["/api/version"] <= 5, server.hits
+
+
+async def test_idle_connections_are_closed_and_bounded() -> None:
+    """Regression: ~1,100 idle sockets from one client exhausted the file descriptors."""
+    async with StandIn(ollama_routes()) as server:
+        config = config_of(provider_yaml("ollama", "ollama", server.url), rest=NO_HOST)
+        exporter = Exporter(config)
+        runner = await start_runner(exporter, max_connections=20, idle_timeout=0.5)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(60)]
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                answered = await http.get("/metrics")
+                open_now = parse(answered.text).value("llm_exporter_http_connections")
+                closed = parse(answered.text).value("llm_exporter_http_connections_closed_total")
+            # Idle sockets that never send a request are closed after the idle timeout.
+            reads = [reader.read() for reader, _ in idle]
+            ends = await asyncio.wait_for(asyncio.gather(*reads), timeout=10)
+        finally:
+            for _, writer in idle:
+                writer.close()
+            await runner.cleanup()
+            await exporter.aclose()
+    assert answered.status_code == 200
+    assert open_now is not None and open_now <= 20
+    assert closed is not None and closed >= 40
+    assert all(end == b"" for end in ends)
+
+
+async def test_malformed_requests_are_counted_and_logged_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with StandIn(ollama_routes()) as server:
+        config = config_of(provider_yaml("ollama", "ollama", server.url), rest=NO_HOST)
+        async with running(config) as exporter:
+            port = int(exporter.url.rstrip("/").rsplit(":", 1)[1])
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+                await reader.read()
+                writer.close()
+            scrape = await exporter.scrape()
+    assert scrape.value("llm_exporter_http_bad_requests_total") == 3
+    server_lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert server_lines and all(r.levelno == logging.DEBUG for r in server_lines)
+    assert all(r.exc_info is None for r in server_lines)
+
+
+async def test_landing_page_shows_the_verdict_first_and_hides_url_secrets() -> None:
+    async with StandIn(ollama_routes()) as server:
+        secret_path = f"{server.url}/proxy/sk-9f8e7d6c5b4a39281706"
+        config = config_of(provider_yaml("ollama", "ollama", secret_path), rest=NO_HOST)
+        async with running(config) as exporter:
+            await exporter.scrape()
+            page = (await exporter.http.get("/")).text
+    assert page.index("Overall") < page.index("Providers")
+    assert "sk-9f8e7d6c5b4a39281706" not in page
+    assert "/proxy/***" in page
+    assert "Providers (1 provider)" in page
+
+
+def test_display_url_drops_userinfo_query_and_token_like_path_parts() -> None:
+    assert display_url("http://user:pw@host:8080/v1?key=abc#x") == "http://host:8080/v1"
+    assert display_url("https://[::1]:11434") == "https://[::1]:11434"
+    assert display_url("http://h/api/0123456789abcdef") == "http://h/api/***"
+
+
+async def test_health_uses_iso_timestamps_and_rounded_numbers() -> None:
+    async with StandIn(ollama_routes()) as server:
+        config = config_of(provider_yaml("ollama", "ollama", server.url), rest=NO_HOST)
+        async with running(config) as exporter:
+            document = (await exporter.http.get("/health")).json()
+    details = document["components"]["provider/ollama"]["details"]
+    seconds = details["response_time_seconds"]
+    assert seconds == round(seconds, 4)
+    assert document["components"]["connection"]["reason"] == "the provider is reachable"
+    assert details["loaded_models"] == ["mistral:latest"]

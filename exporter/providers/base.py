@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from ..errors import FailureClass, ProviderError
@@ -94,6 +94,30 @@ class ProviderSnapshot:
     models: tuple[ModelSnapshot, ...] = ()
     engines: tuple[EngineSnapshot, ...] = ()
     failures: tuple[Failure, ...] = ()
+    # What the operator should know that is no failure, such as an engine without metrics.
+    notes: tuple[str, ...] = ()
+
+
+def series_count(snapshot: ProviderSnapshot) -> int:
+    """About how many series a snapshot renders into: one per value, bucket or label value.
+
+    Counted from the fields themselves, so a field added to a snapshot is counted too.
+    """
+    items: list[ModelSnapshot | EngineSnapshot] = [*snapshot.models, *snapshot.engines]
+    return 4 + sum(_series_of(item) for item in items)
+
+
+def _series_of(item: ModelSnapshot | EngineSnapshot) -> int:
+    count = 1  # llm_model_info, or the engine's label set
+    for spec in fields(item):
+        value = getattr(item, spec.name)
+        if isinstance(value, HistogramData):
+            count += len(value.buckets) + 2
+        elif isinstance(value, Mapping):
+            count += len(value)
+        elif isinstance(value, int | float):
+            count += 1
+    return count
 
 
 @dataclass(frozen=True)

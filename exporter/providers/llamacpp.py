@@ -45,6 +45,8 @@ _METRICS = {
     "llamacpp:kv_cache_usage_ratio": "kv_cache_usage_ratio",
 }
 
+METRICS_OFF = "engine metrics off: start llama-server with --metrics"
+
 
 def _health(reply: Reply) -> tuple[bool, float]:
     # llama-server answers 503 while it loads the model: alive, not ready.
@@ -123,6 +125,8 @@ class LlamaCppProvider:
             busy, idle = slots if slots is not None else (None, None)
             fields: dict[str, Any] = values or {}
             engines = (EngineSnapshot(model=model, slots_busy=busy, slots_idle=idle, **fields),)
+        failed = {failure.endpoint for failure in findings.failures}
+        notes = (METRICS_OFF,) if values is None and "/metrics" not in failed else ()
         return findings.snapshot(
             up=True,
             ready=True,
@@ -130,6 +134,7 @@ class LlamaCppProvider:
             response_time_seconds=seconds,
             models=tuple(models),
             engines=engines,
+            notes=notes,
         )
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:

@@ -36,5 +36,10 @@ async def test_rejected_key_is_down_with_http_4xx() -> None:
             health = (await exporter.http.get("/health")).json()
     assert scrape.value("llm_provider_up", provider="api") == 0
     assert scrape.value("llm_provider_requests_total", provider="api", outcome="http_4xx") == 1
-    assert "http_4xx" in health["components"]["provider/api"]["reason"]
+    assert health["components"]["provider/api"]["reason"] == (
+        "the server answered HTTP 401 to GET /models: check api_key"
+    )
+    assert (
+        "/models http_4xx: HTTP 401" in health["components"]["provider/api"]["details"]["failures"]
+    )
     assert "sk-wrong" not in scrape.text + str(health)
