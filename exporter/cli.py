@@ -175,8 +175,6 @@ async def _reload(exporter: Exporter) -> None:
         await exporter.reload()
     except ConfigError as exc:
         log.error("configuration reload failed, keeping the running one", extra=fields(error=exc))
-    else:
-        _log_warnings(exporter.config)
 
 
 def _log_warnings(config: Config) -> None:

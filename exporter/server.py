@@ -214,6 +214,8 @@ class Exporter:
                     ) from None
                 raise
             self.reload_state = ReloadState(True, self.wall_clock())
+            for warning in config.warnings:
+                log.warning("configuration warning", extra=fields(warning=warning))
             if config == self.config:
                 log.info("configuration reloaded: unchanged")
                 return False
@@ -434,7 +436,8 @@ def _listed(items: list[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
-_SECRET_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._~-]{0,23}$")
+# A path segment shown as it is: a short word, not something that may be a token.
+_PLAIN_SEGMENT = re.compile(r"^[A-Za-z][A-Za-z0-9._~-]{0,23}$")
 
 
 def display_url(url: str) -> str:
@@ -446,7 +449,7 @@ def display_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{parts.port}" if parts.port else host
     segments = [
-        s if _SECRET_LIKE.match(s) and sum(c.isdigit() for c in s) <= 4 else "***"
+        s if _PLAIN_SEGMENT.match(s) and sum(c.isdigit() for c in s) <= 4 else "***"
         for s in parts.path.split("/")[1:]
         if s
     ]

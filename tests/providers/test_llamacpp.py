@@ -7,8 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
-from llamacpp_server import LlamaCppServer
+from exporter.client import ConnectionStats, ProviderClient, Reply
+from exporter.errors import ProviderError
+from llamacpp_server import LlamaCppServer, free_port
 from tests.helpers import config_of, parse, provider_yaml, running, watch_queue
 from tests.standins import StandIn, json_reply, llamacpp_routes
 
@@ -186,7 +189,15 @@ async def test_disabled_optional_endpoint_is_not_a_failure(missing: str) -> None
     async with StandIn(llamacpp_routes(**{missing: off})) as server:
         async with running(config_of(provider_yaml("lean", "llamacpp", server.url))) as exporter:
             scrape = await exporter.scrape()
+            health = (await exporter.http.get("/health")).json()
+            page = (await exporter.http.get("/")).text
     assert scrape.value("llm_exporter_scrape_success", provider="lean") == 1
+    verdict = health["components"]["provider/lean"]
+    assert verdict["status"] == "healthy"
+    # Said, not hidden behind a plain "up" and empty panels.
+    metrics_off = "engine metrics off: start llama-server with --metrics"
+    assert (metrics_off in verdict["reason"]) == (missing == "/metrics")
+    assert (metrics_off in page) == (missing == "/metrics")
     assert scrape.value("llm_model_loaded", provider="lean") == 1
     if missing == "/slots":
         assert scrape.value("llm_slots", provider="lean", state="idle") is None
@@ -194,3 +205,52 @@ async def test_disabled_optional_endpoint_is_not_a_failure(missing: str) -> None
     else:
         assert scrape.value("llm_tokens_total", provider="lean", type="output") is None
         assert scrape.value("llm_slots", provider="lean", state="idle") == 4
+
+
+async def test_a_disabled_endpoint_is_asked_again_after_a_minute_or_a_restart() -> None:
+    """Regression: an optional endpoint was left alone for 300 s after one 404 or 501."""
+    now = [0.0]
+    metrics_on = False
+
+    async def metrics(request: web.Request) -> web.Response:
+        if metrics_on:
+            return web.Response(text="llamacpp:tokens_predicted_total 7\n")
+        return web.Response(status=501, text="not supported")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    port = free_port()
+    config = config_of(provider_yaml("llama", "llamacpp", f"http://127.0.0.1:{port}"))
+    async with ProviderClient(
+        config.providers[0], ConnectionStats(), clock=lambda: now[0]
+    ) as client:
+        runner = await serve_on(app, port)
+        assert await client.fetch("/metrics", size, optional=True) is None
+        metrics_on = True
+        now[0] = 30.0
+        assert await client.fetch("/metrics", size, optional=True) is None  # not asked yet
+        now[0] = 61.0
+        assert await client.fetch("/metrics", size, optional=True) == 34
+        metrics_on = False
+        assert await client.fetch("/metrics", size, optional=True) is None  # 501: left alone
+        # The server is restarted, now with --metrics: asked again at once, not in a minute.
+        await runner.cleanup()
+        with pytest.raises(ProviderError):
+            await client.fetch("/health", size)
+        metrics_on = True
+        runner = await serve_on(app, port)
+        assert await client.fetch("/metrics", size, optional=True) == 34
+        await runner.cleanup()
+
+
+def size(reply: Reply) -> int:
+    """How many bytes the body has."""
+    return len(reply.body)
+
+
+async def serve_on(app: web.Application, port: int) -> web.AppRunner:
+    """Serve an app on a given 127.0.0.1 port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    return runner
