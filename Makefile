@@ -41,14 +41,16 @@ typecheck: $(TEST_STAMP)
 pytest: $(TEST_STAMP)
 	$(BIN)/pytest
 
-# promtool checks the exposition and the rules; Prometheus and Alertmanager run in the bundle tests.
+# promtool checks the exposition and the rules; Prometheus and Alertmanager run in the bundle
+# tests; headless Chromium shows the landing page as a user sees it.
 system-deps:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1 \
-		|| ! command -v amtool >/dev/null 2>&1; then \
-		echo "installing Debian packages prometheus prometheus-alertmanager"; \
+		|| ! command -v amtool >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing Debian packages prometheus prometheus-alertmanager chromium"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			prometheus prometheus-alertmanager chromium >/dev/null; \
 	fi
 
 # A real vLLM (CPU build) in a venv of its own, for the vLLM adapter's tests.

@@ -49,6 +49,8 @@ MAX_CONNECTIONS = 512
 IDLE_TIMEOUT_SECONDS = 15.0
 # On shutdown, requests in progress get this long to finish.
 SHUTDOWN_TIMEOUT_SECONDS = 1.0
+# Where the documentation lives (the alert rules' runbook_url points there too).
+DOCS_URL = "https://github.com/llm-exporter/llm-exporter/blob/main/docs"
 
 
 class Exporter:
@@ -420,6 +422,7 @@ def landing_page(config: Config, collection: Collection | None, probes: ProbeSta
         summary = "; ".join(f"{c.key}: {c.reason}" for c in bad) or "every component healthy"
     return _INDEX.format(
         version=__version__,
+        docs=DOCS_URL,
         overall=html.escape(overall),
         summary=html.escape(summary),
         count=plural(len(config.providers), "provider"),
@@ -485,9 +488,12 @@ tr:nth-child(even){{background:#f6f6f6}}
 <li><a href="-/healthy">/-/healthy</a> and <a href="-/ready">/-/ready</a>: liveness and readiness</li>
 </ul>
 <h2>Documentation</h2>
-<p>In the llm-exporter repository and package: <code>docs/metrics.md</code> (every metric),
-<code>docs/configuration.md</code> (every key), <code>docs/runbooks.md</code> (what each
-alert means and how to fix it), and the README's Troubleshooting section.</p>
+<ul>
+<li><a href="{docs}/metrics.md">metrics</a>: every series and where it comes from</li>
+<li><a href="{docs}/configuration.md">configuration</a>: every key, the flags, reloading</li>
+<li><a href="{docs}/runbooks.md">runbooks</a>: what each alert and reason means, and how to fix it</li>
+<li><a href="{docs}/../README.md#troubleshooting">troubleshooting</a>: reason, then fix</li>
+</ul>
 </body></html>
 """
 
