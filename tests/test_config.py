@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import subprocess
+import time
 import sys
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -1035,3 +1036,101 @@ def test_a_v1_url_for_a_kind_that_takes_the_root_is_a_warning() -> None:
         " (the exporter adds /v1 where it needs it)",
     )
     assert parse_config(provider(kind="openai", url="http://localhost:1234/v1")).warnings == ()
+
+
+def test_an_alias_bomb_is_read_in_bounded_time() -> None:
+    # 450 bytes whose aliases name 10**8 nodes: nothing may walk them all.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="a7: unknown key"):
+        parse_config(yml(*lines), "f.yml")
+    assert time.monotonic() - started < 3
+
+
+def test_nesting_is_refused_where_it_passes_the_bound() -> None:
+    # Bounded while the YAML is composed, so Python's recursion limit is never reached.
+    for text in ("[\n" * 100_000, "".join(f"{'  ' * i}k{i}:\n" for i in range(100))):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text, "f.yml")
+        assert (
+            str(caught.value)
+            == "config error: f.yml:33: invalid YAML: nested more than 32 levels deep"
+        )
+    assert parse_config(provider() + "host:\n  mounts: " + "[" * 0 + "[/]\n", "f.yml")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "    headers: {X-Api-Key: 123456789}",
+        "    headers: {X-Api-Key: !!int sk-1-hunter2}",
+        "    headers: {X-Api-Key: [sk-1]}",
+        "    api_key: !!int sk-1-hunter2",
+        "    api_key: !!float sk-1-hunter2",
+    ],
+)
+def test_a_secret_is_never_repeated_in_an_error(extra: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider(extra), "f.yml")
+    for secret in ("123456789", "sk-1", "hunter2"):
+        assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ['"a\\x01b"', '"a\\x7fb"', '"a\\eb"', '"a\\x85b"'])
+def test_a_header_value_with_a_control_character_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider("    headers:", f"      X-Team: {value}"), "f.yml")
+    assert str(caught.value) == (
+        "config error: f.yml:6: providers[0].headers.X-Team: a header value must not contain"
+        " line breaks, NUL or other control characters"
+    )
+    tab = parse_config(provider("    headers:", '      X-Team: "a\\tb"'), "f.yml")
+    assert tab.providers[0].headers == {"X-Team": "a\tb"}  # HTAB is allowed in a header value
+
+
+def test_a_url_is_not_repeated_where_a_provider_was_expected() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yml("providers:", "  - https://llm.internal/token-abc123"), "f.yml")
+    assert str(caught.value) == "config error: f.yml:2: providers[0]: expected a mapping, got a URL"
+
+
+def test_a_long_value_is_cut_in_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider("    timeout: " + "9" * 100_000), "f.yml")
+    assert len(str(caught.value)) < 200
+    assert str(caught.value).startswith(
+        "config error: f.yml:5: providers[0].timeout: expected a duration like 5s, got 9999"
+    )
+
+
+def test_an_unacceptable_character_is_one_line_with_its_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(provider("    timeout: 5s\0"), "f.yml")
+    assert str(caught.value) == "config error: f.yml:5: invalid YAML: unacceptable character #x0000"
+
+
+def test_a_ca_file_is_bounded_in_size(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    with ca.open("wb") as handle:
+        handle.truncate(64 << 20)  # sparse: 64 MiB that take no room
+    text = provider("    tls_config:", f"      ca_file: {ca}", url="https://llm.internal")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.yml")
+    assert str(caught.value) == (
+        f"config error: f.yml:6: providers[0].tls_config.ca_file: {ca} is larger than 4 MiB"
+    )
+
+
+@pytest.mark.parametrize(
+    "duration", ["500ms", "1.2345s", "0.5ms", "1h30m15.5s", "2d", "1.1s", "0.1s", "7m"]
+)
+def test_dump_config_writes_every_duration_so_it_reads_back(duration: str) -> None:
+    text = provider(
+        f"    timeout: {duration}",
+        "    probes:",
+        f"      models: [{{name: m, interval: {duration}}}]",
+        f"      interval: {duration}",
+    ) + yml("health:", f"  max_age: {duration}")
+    config = parse_config(text, "f.yml")
+    assert parse_config(dump_config(config), "f.yml") == config

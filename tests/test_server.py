@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -263,3 +264,49 @@ async def test_health_uses_iso_timestamps_and_rounded_numbers() -> None:
     assert seconds == round(seconds, 4)
     assert document["components"]["connection"]["reason"] == "the provider is reachable"
     assert details["loaded_models"] == ["mistral:latest"]
+
+
+async def test_headers_sent_slowly_are_cut_off_at_the_idle_timeout() -> None:
+    exporter = Exporter(config_of(rest="host:\n  enabled: true\n"))
+    runner = await start_runner(exporter, idle_timeout=0.5)
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\n")
+        try:
+            while sent < 100 and not reader.at_eof():  # never the end of the headers
+                await asyncio.sleep(0.1)
+                writer.write(b"X")
+                await writer.drain()
+                sent += 1
+        except ConnectionError:
+            pass
+        ending = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await runner.cleanup()
+        await exporter.aclose()
+    assert ending == b""
+    # Cut off after about 0.5 s: well before the 10 s the client would have gone on.
+    assert sent < 50
+
+
+async def test_a_reload_of_a_hostile_file_is_refused_and_reported(tmp_path: Path) -> None:
+    """Regression: deep YAML crashed the reload and left last_reload_successful at 1."""
+    async with StandIn(ollama_routes()) as server:
+        file = tmp_path / "llm-exporter.yml"
+        file.write_text(f"providers:\n{provider_yaml('one', 'ollama', server.url)}\n{NO_HOST}")
+        async with running(load_config(file), config_path=file, enable_lifecycle=True) as served:
+            file.write_text("[" * 100_000 + "]" * 100_000)
+            deep = await served.http.post("/-/reload")
+            after_deep = await served.scrape()
+            file.unlink()
+            os.mkfifo(file)  # would block a reader for ever
+            fifo = await served.http.post("/-/reload")
+            after_fifo = await served.scrape()
+    assert deep.status_code == 500 and "nested more than 32 levels deep" in deep.text
+    assert after_deep.value("llm_exporter_config_last_reload_successful") == 0
+    assert fifo.status_code == 500 and "not a regular file" in fifo.text
+    assert after_fifo.value("llm_provider_up", provider="one") == 1
