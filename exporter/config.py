@@ -15,6 +15,7 @@ import ssl
 import stat
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from .providers import KINDS
 DEFAULT_LISTEN_ADDRESS = ":9741"
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_KEY_FILE_BYTES = 64 * 1024
+MAX_CA_FILE_BYTES = 4 * 1024 * 1024  # a system's whole bundle is well under 1 MiB
 # Deeper YAML is refused: no configuration nests more than a few levels, and PyYAML
 # composes nested nodes by recursion.
 MAX_DEPTH = 32
@@ -206,15 +208,26 @@ class _Reader:
             return None
         return entry[1]
 
-    def scalar(self, key: str, convert: Callable[[Any, str, yaml.Node], T], default: T) -> T:
-        """The key's value converted, or the default (with the error kept) if it is bad."""
+    def scalar(
+        self,
+        key: str,
+        convert: Callable[[Any, str, yaml.Node], T],
+        default: T,
+        *,
+        secret: bool = False,
+    ) -> T:
+        """The key's value converted, or the default (with the error kept) if it is bad.
+
+        A secret's value is never repeated in the error, whatever its tag does to it.
+        """
         node = self.node(key)
         if node is None:
             return default
         try:
             if not isinstance(node, yaml.ScalarNode):
                 return convert(_Unscalar(node), self._sub(key), node)
-            return convert(_construct(node, self._sub(key)), self._sub(key), node)
+            value = _construct(node, self._sub(key), secret=secret)
+            return convert(value, self._sub(key), node)
         except ConfigError as exc:
             self.errors.append(exc)
             return default
@@ -269,6 +282,7 @@ class _Unscalar:
 
 
 def _describe(value: object) -> str:
+    """A value as an error shows it: never a URL (a token may be in it), never long."""
     if isinstance(value, _Unscalar):
         value = value.node
     if isinstance(value, yaml.MappingNode):
@@ -276,27 +290,39 @@ def _describe(value: object) -> str:
     if isinstance(value, yaml.SequenceNode):
         return "a list"
     if isinstance(value, yaml.ScalarNode):
-        return f'"{value.value}"'
+        value = value.value
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
+    if not isinstance(value, str):
+        return _cut(str(value))
+    if "://" in value:
+        return "a URL"
+    if not value.isprintable():
+        return "a string with a line break or another control character"
+    return f'"{_cut(value)}"'
+
+
+def _cut(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else f"{text[:length]}..."
 
 
 def _fail(path: str, node: yaml.Node, reason: str) -> ConfigError:
     return ConfigError(path, reason, line=node.start_mark.line + 1)
 
 
-def _construct(node: yaml.Node, path: str) -> Any:
+def _construct(node: yaml.Node, path: str, *, secret: bool = False) -> Any:
     """The Python value of a scalar node; a ConfigError for unknown tags or bad !!int and dates."""
-    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    tag = _cut(node.tag.replace("tag:yaml.org,2002:", "!!"))
     try:
         return _Constructor().construct_object(node)
     except yaml.constructor.ConstructorError:
         raise _fail(path, node, f"unsupported YAML tag {tag}") from None
     except ValueError as exc:
-        raise _fail(path, node, f"cannot read {_describe(node)} as {tag}: {exc}") from None
+        if secret:  # the exception's text repeats the value too
+            raise _fail(path, node, f"cannot read the value as {tag}: remove the tag") from None
+        raise _fail(
+            path, node, f"cannot read {_describe(node)} as {tag}: {_cut(str(exc), 80)}"
+        ) from None
 
 
 def _expand_env(text: str, path: str, node: yaml.Node) -> str:
@@ -415,10 +441,14 @@ def read_bounded(file: str | Path, limit: int) -> str:
     /dev/zero never ends), and at most limit + 1 bytes are ever read.
     """
     try:
+        # stat first: merely opening a device can act (rewind a tape, arm a watchdog).
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise ConfigError("", "not a regular file (a pipe, device or directory is refused)")
         descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ConfigError("", f"cannot read the file: {exc.strerror or exc}") from None
     try:
+        # fstat again: the path may have been swapped for a FIFO since.
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise ConfigError("", "not a regular file (a pipe, device or directory is refused)")
         with os.fdopen(descriptor, "rb", closefd=False) as handle:
@@ -472,6 +502,9 @@ def _parse_tls(reader: _Reader | None) -> TLSConfig:
         where = f"{reader.path}.ca_file", reader.items["ca_file"][1]
         if not tls.ca_file.is_file():
             raise reader.error(where[0], f"{tls.ca_file} is not a readable file", where[1])
+        if tls.ca_file.stat().st_size > MAX_CA_FILE_BYTES:
+            reason = f"{tls.ca_file} is larger than {MAX_CA_FILE_BYTES >> 20} MiB"
+            raise reader.error(where[0], reason, where[1])
         try:
             ssl.create_default_context(cafile=str(tls.ca_file))
         except OSError as exc:  # ssl.SSLError included
@@ -503,14 +536,21 @@ def _parse_headers(reader: _Reader | None) -> dict[str, str]:
     for key, (key_node, _) in reader.items.items():
         if not _HEADER_RE.match(key):
             raise reader.error(f"{reader.path}.{key}", "not a valid HTTP header name", key_node)
-        headers[key] = reader.scalar(key, _header_value, "")
+        headers[key] = reader.scalar(key, _header_value, "", secret=True)
     return headers
 
 
 def _header_value(value: Any, path: str, node: yaml.Node) -> str:
-    text = _string(value, path, node)
-    if any(char in text for char in "\r\n\0"):
-        raise _fail(path, node, "a header value must not contain line breaks or NUL")
+    if isinstance(value, _Unscalar):
+        raise _fail(path, node, f"expected a string, got {_describe(value)}")
+    if not isinstance(value, str):  # a header may carry a credential: never repeat it
+        raise _fail(path, node, "expected a string: put the value in quotes")
+    text = _expand_env(value, path, node)
+    # HTAB is allowed in a field value (RFC 9110); any other control character would
+    # end the header, split the request or be refused by the HTTP client at run time.
+    if not text.replace("\t", " ").isprintable():
+        reason = "a header value must not contain line breaks, NUL or other control characters"
+        raise _fail(path, node, reason)
     return text
 
 
@@ -518,7 +558,7 @@ def _parse_provider(
     node: yaml.Node, path: str, file: str, errors: list[ConfigError]
 ) -> ProviderConfig:
     reader = _Reader(node, path, file, errors)
-    api_key = reader.scalar("api_key", _secret, None)
+    api_key = reader.scalar("api_key", _secret, None, secret=True)
     api_key_from_file = reader.scalar("api_key_file", _secret_file, None)
     if api_key is not None and api_key_from_file is not None:
         errors.append(
@@ -709,18 +749,14 @@ def parse_config(text: str, file: str = "") -> Config:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         raise ConfigError("", f"invalid YAML: {_yaml_reason(exc)}", line=line, file=file) from None
+    except yaml.reader.ReaderError as exc:  # its own message spans lines and names no line
+        line = text.count("\n", 0, exc.position) + 1
+        reason = f"invalid YAML: unacceptable character #x{exc.character:04x}"
+        raise ConfigError("", reason, line=line, file=file) from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", file=file) from None
     if root is None:
         raise ConfigError("", "the file is empty: configure at least one provider", file=file)
-    too_deep = _too_deep(root)
-    if too_deep is not None:
-        raise ConfigError(
-            "",
-            f"nested more than {MAX_DEPTH} levels deep",
-            line=too_deep.start_mark.line + 1,
-            file=file,
-        )
     errors: list[ConfigError] = []
     try:
         config = _parse_root(root, file, errors)
@@ -736,25 +772,48 @@ def parse_config(text: str, file: str = "") -> Config:
 
 
 def _compose(text: str) -> yaml.Node | None:
-    """The YAML node tree of a text, refused when it nests too deeply to be composed."""
+    """The YAML node tree of a text; a ConfigError where it nests too deeply."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except RecursionError:
+        return yaml.compose(text, Loader=_BoundedLoader)
+    except RecursionError:  # not expected under MAX_DEPTH; a traceback would help no one
         raise ConfigError("", f"invalid YAML: nested more than {MAX_DEPTH} levels deep") from None
+    except MemoryError:
+        raise ConfigError("", "invalid YAML: too large to read") from None
 
 
-def _too_deep(root: yaml.Node) -> yaml.Node | None:
-    """The first node nested deeper than MAX_DEPTH, found without recursion; None if none."""
-    stack: list[tuple[yaml.Node, int]] = [(root, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return node
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend((child, depth + 1) for pair in node.value for child in pair)
-    return None
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping or list nested deeper than MAX_DEPTH.
+
+    The bound holds while composing: PyYAML composes by recursion, and a walk of the
+    finished tree would follow aliases, which can name 10**8 nodes in a few hundred bytes.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def _enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            peek: Callable[[], yaml.Event] = self.peek_event
+            mark = peek().start_mark
+            line = mark.line + 1 if mark is not None else None
+            reason = f"invalid YAML: nested more than {MAX_DEPTH} levels deep"
+            raise ConfigError("", reason, line=line)
+
+    def compose_sequence_node(self, anchor: Any) -> yaml.SequenceNode:
+        self._enter()
+        try:
+            return super().compose_sequence_node(anchor)
+        finally:
+            self.depth -= 1
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        self._enter()
+        try:
+            return super().compose_mapping_node(anchor)
+        finally:
+            self.depth -= 1
 
 
 def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config:
@@ -811,16 +870,21 @@ _SECRET_HEADER_RE = re.compile(r"auth|key|token|secret|cookie|session|password",
 
 
 def format_duration(seconds: float) -> str:
-    """A duration as the configuration writes it: 500ms, 5s, 1m30s, 2h."""
+    """A duration as the configuration writes it (500ms, 5s, 1m30s, 2h), read back exactly."""
     millis = round(seconds * 1000)
     if millis % 1000:
-        return f"{millis}ms"
-    text, rest = "", millis // 1000
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        if rest >= size:
-            text += f"{rest // size}{unit}"
-            rest %= size
-    return text or "0s"
+        text = f"{millis}ms"
+    else:
+        text, rest = "", millis // 1000
+        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+            if rest >= size:
+                text += f"{rest // size}{unit}"
+                rest %= size
+    if text and parse_duration(text) == seconds:
+        return text
+    # Not a whole number of milliseconds: repr is the shortest decimal that reads back
+    # as the same float, and parse_duration reads "{it}s" as exactly that.
+    return f"{Decimal(repr(seconds)):f}s"
 
 
 def _threshold(threshold: Threshold, form: Callable[[float], object]) -> dict[str, object]:
