@@ -28,6 +28,8 @@ DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
 # drops a connection before the server does instead of racing it.
 KEEPALIVE_EXPIRY = 4.0
 SUCCESS = "success"
+# The outcome of asking an optional endpoint the server does not offer: no failure.
+UNSUPPORTED = "unsupported"
 OK_STATUSES = range(200, 300)
 # How long an optional endpoint that answered 404 or 501 is left alone: short enough that
 # a server restarted with --metrics shows its metrics within a minute.
@@ -316,7 +318,7 @@ class ProviderClient:
             if reply.status not in statuses:
                 if optional and reply.status in (404, 501):
                     self._unsupported[endpoint] = self._clock() + UNSUPPORTED_RECHECK_SECONDS
-                    return None, status_failure(reply.status).value
+                    return None, UNSUPPORTED
                 reply.ok()
             if len(reply.body) > PARSE_IN_THREAD_BYTES:
                 return await asyncio.to_thread(_parse, reply, parse), SUCCESS

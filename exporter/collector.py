@@ -139,8 +139,9 @@ def _bounded_engine(engine: EngineSnapshot, note: Callable[[str, int], None]) ->
     ):
         histogram = getattr(engine, name)
         if histogram is not None and len(histogram.buckets) > MAX_BUCKETS:
-            note(f"llm_{name}_seconds", len(histogram.buckets) - MAX_BUCKETS)
-            changes[name] = _fewer_buckets(histogram)
+            thinned = _fewer_buckets(histogram)
+            note(f"llm_{name}_seconds", len(histogram.buckets) - len(thinned.buckets))
+            changes[name] = thinned
     return replace(engine, **changes) if changes else engine  # type: ignore[arg-type]
 
 
@@ -187,6 +188,7 @@ class Collector:
             p.name: ProcessFinder(p.process, ps) for p in config.providers if p.process is not None
         }
         self._reported_drops: set[tuple[str, str]] = set()
+        self._reading: asyncio.Future[Resources] | None = None
 
     async def collect(self, deadline: float | None = None) -> Collection:
         """Collect all providers and resources; no provider can take longer than the deadline."""
@@ -246,15 +248,20 @@ class Collector:
 
     async def _resources_within(self, budget: float) -> Resources:
         # psutil blocks, and a hung network mount can block it for good: read in a thread,
-        # and leave the resources out of this scrape rather than miss the deadline.
+        # and leave the resources out of this scrape rather than miss the deadline. While
+        # a read hangs, no other is started: a hung mount holds one thread, not all of them.
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(asyncio.to_thread(self._read_resources))
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._read_resources), budget)
+            return await asyncio.wait_for(asyncio.shield(self._reading), budget)
         except TimeoutError:
             log.warning(
                 "host resources not read in time: left out of this scrape",
                 extra=fields(budget_seconds=round(budget, 3)),
             )
-            return Resources(host=None, processes={}, gpus=())
+        except Exception as exc:  # a lost device or an odd mount costs the resources only
+            log.warning("host resources not read", extra=fields(error=type(exc).__name__))
+        return Resources(host=None, processes={}, gpus=())
 
     def _read_resources(self) -> Resources:
         processes = {}

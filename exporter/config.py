@@ -447,6 +447,8 @@ def read_bounded(file: str | Path, limit: int) -> str:
         descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ConfigError("", f"cannot read the file: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError("", "cannot read the file: the path contains a NUL character") from None
     try:
         # fstat again: the path may have been swapped for a FIFO since.
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):

@@ -87,7 +87,11 @@ async def _ask(
 ) -> tuple[int, Mapping[str, str], Any] | None:
     try:
         async with session.get(url, allow_redirects=False) as response:
-            raw = await response.content.read(MAX_BODY_BYTES)
+            raw = b""
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    return None
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError):

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 LEVELS = ("debug", "info", "warn", "error")
 FIELDS = "fields"
 # The same line again within this many seconds is counted, not written.
@@ -98,7 +100,11 @@ class BadRequestFilter(logging.Filter):
         self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Error handling request"):
+        error = record.exc_info[1] if record.exc_info else None
+        # Only the client's malformed request; a handler's own failure keeps its traceback.
+        if str(record.msg).startswith("Error handling request") and isinstance(
+            error, HttpProcessingError
+        ):
             self.count += 1
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             record.exc_info, record.exc_text = None, None

@@ -119,7 +119,7 @@ SPECS = {
         Spec("llm_exporter_config_last_reload_successful", "gauge", "1 if the last configuration reload succeeded.", ()),
         Spec("llm_exporter_config_last_reload_success_timestamp_seconds", "gauge", "When the configuration was last loaded successfully.", ()),
         Spec("llm_exporter_http_connections", "gauge", "Client connections open to the exporter's HTTP server.", ()),
-        Spec("llm_exporter_http_connections_closed_total", "counter", "Client connections closed because --web.max-connections were open (the longest idle first).", ()),
+        Spec("llm_exporter_http_connections_closed_total", "counter", "Client connections closed because --web.max-connections were open (the oldest idle one first).", ()),
         Spec("llm_exporter_http_bad_requests_total", "counter", "Malformed HTTP requests received (answered 400 and logged at debug level).", ()),
     )
 }  # fmt: skip

@@ -6,6 +6,7 @@ import asyncio
 import html
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -38,8 +39,13 @@ log = logging.getLogger(__name__)
 EXPORTER_KEY: web.AppKey[Exporter] = web.AppKey("exporter")
 # Prometheus sends its scrape timeout; answer before it gives up, whatever the provider does.
 MIN_DEADLINE = 0.1
-# At least this much of a scrape's deadline is kept for rendering the answer.
+# At least this much of a scrape's deadline is kept for rendering the answer, at most
+# this share of it (a loaded machine must not starve the collection).
 MIN_RENDER_RESERVE = 0.02
+MAX_RENDER_SHARE = 0.25
+# Collections in progress at once (callers with other deadlines), and the longest deadline.
+MAX_COLLECTIONS = 4
+MAX_BUDGET_SECONDS = 300.0
 # A scrape that joins a collection in progress waits this much past its own deadline.
 GUARD_SECONDS = 0.05
 # Pages with more samples are encoded in a worker thread, not on the event loop.
@@ -83,7 +89,9 @@ class Exporter:
         self.last: Collection | None = None
         self.reload_state = ReloadState(successful=True, success_timestamp=wall_clock())
         self._reload_lock = asyncio.Lock()
-        self._collecting: asyncio.Task[Collection] | None = None
+        # Collections in progress by their deadline (rounded), and every one not done yet.
+        self._collecting: dict[float, asyncio.Task[Collection]] = {}
+        self._tasks: set[asyncio.Task[Collection]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._up: dict[str, bool] = {}
         self._render_seconds = 0.0
@@ -130,26 +138,41 @@ class Exporter:
     async def collect(self, deadline: float | None = None) -> Collection:
         """The providers' state now, within the deadline.
 
-        Only one collection runs at a time: callers that arrive while one runs share it,
-        so a flood of scrapes costs the providers one collection. A caller whose deadline
-        passes before the shared collection is done gets the latest finished one.
+        Callers with the same deadline share one collection: a flood of scrapes costs the
+        providers one collection, and a caller with another deadline (set by whoever sends
+        the header) never cuts anyone else's short. At most MAX_COLLECTIONS run at once;
+        past that a caller joins the one whose deadline is nearest. A caller whose deadline
+        passes first gets the latest finished collection.
         """
-        task = self._collecting
-        if task is None or task.done():
-            task = self._collecting = asyncio.ensure_future(self._collect(deadline))
-        wait = deadline if deadline is not None else self.config.global_.scrape_timeout
+        budget = self.config.global_.scrape_timeout if deadline is None else deadline
+        budget = min(budget, MAX_BUDGET_SECONDS)
+        key = round(budget, 1)
+        running = {k: t for k, t in self._collecting.items() if not t.done()}
+        task = running.get(key)
+        if task is None and len(running) >= MAX_COLLECTIONS:
+            task = running[min(running, key=lambda other: abs(other - key))]
+        if task is None:
+            task = asyncio.ensure_future(self._collect(self.collector, budget))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            running[key] = task
+        self._collecting = running
         try:
-            return await asyncio.wait_for(asyncio.shield(task), wait + GUARD_SECONDS)
+            return await asyncio.wait_for(asyncio.shield(task), budget + GUARD_SECONDS)
         except TimeoutError:
             if self.last is not None:
                 return self.last
             return await asyncio.shield(task)
 
-    async def _collect(self, deadline: float | None) -> Collection:
-        collection = await self.collector.collect(deadline)
-        if self.last is None or collection.finished_at >= self.last.finished_at:
+    async def _collect(self, collector: Collector, budget: float) -> Collection:
+        collection = await collector.collect(budget)
+        # Only a collection of the running configuration that no short deadline cut off
+        # speaks for the providers beyond its own caller: /health, probes and the log.
+        timeouts = [p.timeout for p in collector.config.providers]
+        full = budget >= min(max(timeouts, default=0.0), self.config.global_.scrape_timeout)
+        if collector is self.collector and (full or self.last is None):
             self.last = collection
-        self._log_changes(collection)
+            self._log_changes(collection)
         return collection
 
     def _log_changes(self, collection: Collection) -> None:
@@ -206,34 +229,32 @@ class Exporter:
         async with self._reload_lock:
             try:
                 config = await asyncio.wait_for(self._load(), RELOAD_TIMEOUT_SECONDS)
-            except (ConfigError, TimeoutError) as exc:
+            except ConfigError:
                 self.reload_state = ReloadState(False, self.reload_state.success_timestamp)
-                if isinstance(exc, TimeoutError):
-                    raise ConfigError(
-                        "",
-                        f"not read within {RELOAD_TIMEOUT_SECONDS:g}s",
-                        file=str(self.config_path),
-                    ) from None
                 raise
+            except Exception as exc:  # whatever the file did, the running config stays
+                self.reload_state = ReloadState(False, self.reload_state.success_timestamp)
+                reason = (
+                    f"not read within {RELOAD_TIMEOUT_SECONDS:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else f"cannot be loaded ({type(exc).__name__})"
+                )
+                raise ConfigError("", reason, file=str(self.config_path or "")) from None
             self.reload_state = ReloadState(True, self.wall_clock())
             for warning in config.warnings:
                 log.warning("configuration warning", extra=fields(warning=warning))
-            if config == self.config:
+            # A CA file may have been replaced under the same name: new clients read it again.
+            rereads = any(p.tls_config.ca_file is not None for p in config.providers)
+            if config == self.config and not rereads:
                 log.info("configuration reloaded: unchanged")
                 return False
             probing = self.probes is not None
             await self.stop_probes()
-            old, in_flight = self.collector, self._collecting
-            self.collector, self.config, self._collecting = (
-                self._new_collector(config),
-                config,
-                None,
-            )
+            old, in_flight = self.collector, list(self._tasks)
+            self.collector, self.config, self._collecting = self._new_collector(config), config, {}
             names = {p.name for p in config.providers}
-            self.stats.forget_except(names)
-            self.probe_stats.forget_except(names)
             self._up = {name: up for name, up in self._up.items() if name in names}
-            retiring = asyncio.ensure_future(_close_after(old, in_flight))
+            retiring = asyncio.ensure_future(self._retire(old, in_flight, names))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
             if probing:
@@ -241,26 +262,27 @@ class Exporter:
             log.info("configuration reloaded", extra=fields(providers=len(config.providers)))
             return True
 
+    async def _retire(
+        self, collector: Collector, in_flight: list[asyncio.Task[Collection]], names: set[str]
+    ) -> None:
+        """Once the collections of a replaced collector are done: forget the providers that
+        are gone (those collections still counted them) and close its clients."""
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        self.stats.forget_except(names)
+        self.probe_stats.forget_except(names)
+        await collector.aclose()
+
     def cancel_collection(self) -> None:
-        """Stop the collection in progress (on shutdown: nobody waits for its answer)."""
-        if self._collecting is not None:
-            self._collecting.cancel()
+        """Stop every collection in progress (on shutdown: nobody waits for the answers)."""
+        for task in self._tasks:
+            task.cancel()
 
     async def aclose(self) -> None:
         """Stop probing and collecting, and close the provider clients."""
         await self.stop_probes()
         self.cancel_collection()
-        if self._collecting is not None:
-            await asyncio.gather(self._collecting, return_exceptions=True)
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._retiring, return_exceptions=True)
         await self.collector.aclose()
-
-
-async def _close_after(collector: Collector, in_flight: asyncio.Task[Collection] | None) -> None:
-    """Close a replaced collector's clients once the collection using them is done."""
-    if in_flight is not None:
-        await asyncio.gather(in_flight, return_exceptions=True)
-    await collector.aclose()
 
 
 class HttpCounters:
@@ -298,7 +320,7 @@ def scrape_deadline(header: str | None, config: Config) -> float:
         timeout = float(header) if header else config.global_.scrape_timeout
     except ValueError:
         timeout = config.global_.scrape_timeout
-    if not timeout > 0:  # also rejects NaN
+    if not (math.isfinite(timeout) and timeout > 0):
         timeout = config.global_.scrape_timeout
     return max(MIN_DEADLINE, timeout - config.global_.scrape_timeout_margin)
 
@@ -313,7 +335,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
     deadline = scrape_deadline(
         request.headers.get("X-Prometheus-Scrape-Timeout-Seconds"), exporter.config
     )
-    collection = await exporter.collect(max(MIN_DEADLINE, deadline - exporter.render_reserve))
+    reserve = min(exporter.render_reserve, MAX_RENDER_SHARE * deadline)
+    collection = await exporter.collect(max(MIN_DEADLINE, deadline - reserve))
     started = time.perf_counter()
     families = list(exporter.metrics(collection))
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
@@ -579,4 +602,7 @@ def limit_connections(server: web.Server, limit: int, counters: HttpCounters) ->
 
 
 def _idle(handler: RequestHandler) -> bool:
-    return getattr(handler, "_current_request", None) is None
+    # Waiting for the next request: aiohttp's own keep-alive check asks the same. A handler
+    # between requests, still writing its answer, has no such waiter and is not cut off.
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()

@@ -458,7 +458,7 @@ def overview() -> builders.Dashboard:
         "percentunit",
         [
             query(
-                f'(sum(rate(llm_provider_requests_total{{{P}, outcome!="success"}}[{RATE}])) or vector(0))'
+                f'(sum(rate(llm_provider_requests_total{{{P}, outcome!~"success|unsupported"}}[{RATE}])) or vector(0))'
                 f" / sum(rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
                 "errors",
             )
@@ -649,7 +649,7 @@ def performance() -> builders.Dashboard:
                 "percentunit",
                 [
                     query(
-                        f'(sum by (provider) (rate(llm_provider_requests_total{{{P}, outcome!="success"}}[{RATE}]))'
+                        f'(sum by (provider) (rate(llm_provider_requests_total{{{P}, outcome!~"success|unsupported"}}[{RATE}]))'
                         f" or sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}])) * 0)"
                         f" / sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
                         "{{provider}}",

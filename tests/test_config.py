@@ -1137,3 +1137,10 @@ def test_dump_config_writes_every_duration_so_it_reads_back(duration: str) -> No
     ) + yml("health:", f"  max_age: {duration}")
     config = parse_config(text, "f.yml")
     assert parse_config(dump_config(config), "f.yml") == config
+
+
+def test_a_nul_in_a_file_path_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="NUL"):
+        parse_config(provider('    api_key_file: "/run/key\\0"'))
+    with pytest.raises(ConfigError, match="NUL"):
+        load_config("/etc/llm\0exporter.yml")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from exporter.logs import JsonFormatter, LogfmtFormatter, RepeatFilter, fields
+from aiohttp.http_exceptions import BadHttpMessage
+
+from exporter.logs import BadRequestFilter, JsonFormatter, LogfmtFormatter, RepeatFilter, fields
 
 
 def record(msg: str, **values: object) -> logging.LogRecord:
@@ -37,3 +39,25 @@ def test_a_repeated_line_is_written_once_a_second_then_with_its_count() -> None:
     assert repeats.filter(record("something else"))
     assert repeats.filter(record("provider up", provider="a"))
     assert repeats.filter(record("provider up", provider="b"))
+
+
+def test_only_a_malformed_request_is_demoted_a_handlers_failure_keeps_its_traceback() -> None:
+    demote = BadRequestFilter()
+
+    def aiohttp_line(error: Exception) -> logging.LogRecord:
+        line = logging.LogRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("127.0.0.1",),
+            (type(error), error, None),
+        )
+        return line
+
+    malformed, crash = aiohttp_line(BadHttpMessage("Bad Header")), aiohttp_line(KeyError("x"))
+    assert demote.filter(malformed) and demote.filter(crash)
+    assert (malformed.levelno, malformed.exc_info) == (logging.DEBUG, None)
+    assert crash.levelno == logging.ERROR and crash.exc_info is not None
+    assert demote.count == 1

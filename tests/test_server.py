@@ -310,3 +310,36 @@ async def test_a_reload_of_a_hostile_file_is_refused_and_reported(tmp_path: Path
     assert after_deep.value("llm_exporter_config_last_reload_successful") == 0
     assert fifo.status_code == 500 and "not a regular file" in fifo.text
     assert after_fifo.value("llm_provider_up", provider="one") == 1
+
+
+async def test_a_short_deadline_sent_by_anyone_cuts_no_one_elses_collection_short() -> None:
+    """Whoever sends a tiny X-Prometheus-Scrape-Timeout-Seconds gets its own collection."""
+    slow_version = delayed(0.4, json_reply({"version": "0.5.1"}))
+    async with StandIn(ollama_routes(**{"/api/version": slow_version})) as server:
+        config = config_of(provider_yaml("slow", "ollama", server.url), rest=NO_HOST)
+        async with running(config) as exporter:
+            hurried = [asyncio.ensure_future(exporter.scrape(0.01)) for _ in range(20)]
+            prometheus = await exporter.scrape(10)
+            cut_short = await asyncio.gather(*hurried)
+            health = (await exporter.http.get("/health")).json()
+    assert all(s.value("llm_provider_up", provider="slow") == 0 for s in cut_short)
+    assert prometheus.value("llm_provider_up", provider="slow") == 1
+    assert health["components"]["provider/slow"]["status"] != "unhealthy"
+
+
+async def test_a_provider_removed_by_a_reload_leaves_no_series_behind(tmp_path: Path) -> None:
+    slow_version = delayed(0.3, json_reply({"version": "0.5.1"}))
+    async with StandIn(ollama_routes(**{"/api/version": slow_version})) as server:
+        file = tmp_path / "llm-exporter.yml"
+        kept, removed = (provider_yaml(n, "ollama", server.url) for n in ("kept", "removed"))
+        file.write_text(f"providers:\n{kept}\n{removed}\n{NO_HOST}")
+        async with running(load_config(file), config_path=file) as served:
+            during = asyncio.ensure_future(served.scrape())
+            await asyncio.sleep(0.1)  # the collection is waiting for the slow answers
+            file.write_text(f"providers:\n{kept}\n{NO_HOST}")
+            assert await served.exporter.reload()
+            await during
+            await asyncio.sleep(0.3)
+            after = await served.scrape()
+    assert after.all_of(provider="removed") == []
+    assert after.value("llm_provider_up", provider="kept") == 1

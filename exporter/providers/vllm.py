@@ -109,7 +109,10 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
                 break
     reasons = sum_by_two(samples, FINISHED, MODEL, "finished_reason")
     for model, by_reason in reasons.items():
-        fields.setdefault(model, {})["finished_requests"] = by_reason
+        cleaned: dict[str, float] = {}
+        for reason, count in by_reason.items():  # a label value like any other: cleaned
+            cleaned[text(reason)] = cleaned.get(text(reason), 0.0) + count
+        fields.setdefault(model, {})["finished_requests"] = cleaned
     return [
         EngineSnapshot(model=text(model), **values)  # type: ignore[arg-type]
         for model, values in sorted(fields.items())

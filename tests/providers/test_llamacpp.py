@@ -192,6 +192,9 @@ async def test_disabled_optional_endpoint_is_not_a_failure(missing: str) -> None
             health = (await exporter.http.get("/health")).json()
             page = (await exporter.http.get("/")).text
     assert scrape.value("llm_exporter_scrape_success", provider="lean") == 1
+    # Not offered is no failure: no error ratio for llama-server's default flags.
+    assert scrape.value("llm_provider_requests_total", endpoint=missing, outcome="unsupported") == 1
+    assert scrape.all("llm_provider_requests_total", provider="lean", outcome="http_5xx") == []
     verdict = health["components"]["provider/lean"]
     assert verdict["status"] == "healthy"
     # Said, not hidden behind a plain "up" and empty panels.
