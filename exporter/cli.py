@@ -18,7 +18,7 @@ from .config import DEFAULT_LISTEN_ADDRESS, Config, dump_config, load_config, pa
 from .discovery import discover
 from .errors import ConfigError
 from .logs import LEVELS, fields, setup_logging
-from .server import IDLE_TIMEOUT_SECONDS, MAX_CONNECTIONS, Exporter, start_runner
+from .server import IDLE_TIMEOUT_SECONDS, MAX_CONNECTIONS, Exporter, log_warnings, start_runner
 
 log = logging.getLogger("exporter")
 DEFAULT_CONFIG_FILE = "llm-exporter.yml"
@@ -177,11 +177,6 @@ async def _reload(exporter: Exporter) -> None:
         log.error("configuration reload failed, keeping the running one", extra=fields(error=exc))
 
 
-def _log_warnings(config: Config) -> None:
-    for warning in config.warnings:
-        log.warning("configuration warning", extra=fields(warning=warning))
-
-
 def _read_config(config_file: str | None) -> tuple[Config, str | None]:
     """The configuration to run, and its file (None when providers were found instead)."""
     if config_file is None and Path(DEFAULT_CONFIG_FILE).exists():
@@ -219,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for warning in config.warnings:
             print(f"warning: {warning}")
         return 0
-    _log_warnings(config)
+    log_warnings(config)
     try:
         host, port = parse_listen_address(args.listen_address)
     except ValueError as exc:

@@ -136,10 +136,6 @@ class Reply:
         """The body parsed as JSON."""
         try:
             return json.loads(self.body)
-        except RecursionError:
-            raise ProviderError(
-                FailureClass.INVALID_RESPONSE, "JSON nested too deeply", endpoint=self.endpoint
-            ) from None
         except (ValueError, UnicodeDecodeError):
             kind = "HTML" if self.body.lstrip()[:1] == b"<" else "malformed JSON"
             raise ProviderError(

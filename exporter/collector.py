@@ -39,6 +39,13 @@ OTHER = "other"
 # Buckets kept of a provider's own histogram: dropping bounds of a cumulative histogram
 # keeps it correct, only coarser.
 MAX_BUCKETS = 40
+# An engine's histograms, by the family they are served as.
+HISTOGRAM_FAMILIES = {
+    "time_to_first_token": "llm_time_to_first_token_seconds",
+    "request_duration": "llm_request_duration_seconds",
+    "inter_token_latency": "llm_inter_token_latency_seconds",
+    "queue_duration": "llm_request_queue_duration_seconds",
+}
 
 
 @dataclass(frozen=True)
@@ -131,16 +138,11 @@ def _bounded_engine(engine: EngineSnapshot, note: Callable[[str, int], None]) ->
         )
         note("llm_requests_finished_total", len(ranked) - len(kept) + 1)
         changes["finished_requests"] = kept
-    for name in (
-        "time_to_first_token",
-        "request_duration",
-        "inter_token_latency",
-        "queue_duration",
-    ):
+    for name, family in HISTOGRAM_FAMILIES.items():
         histogram = getattr(engine, name)
         if histogram is not None and len(histogram.buckets) > MAX_BUCKETS:
             thinned = _fewer_buckets(histogram)
-            note(f"llm_{name}_seconds", len(histogram.buckets) - len(thinned.buckets))
+            note(family, len(histogram.buckets) - len(thinned.buckets))
             changes[name] = thinned
     return replace(engine, **changes) if changes else engine  # type: ignore[arg-type]
 

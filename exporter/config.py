@@ -7,6 +7,7 @@ a literal $); secrets may come from *_file keys instead of the file itself.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -794,28 +795,28 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.depth = 0
 
-    def _enter(self) -> None:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
+    @contextlib.contextmanager
+    def _deeper(self) -> Iterator[None]:
+        """One level deeper for the node composed within; a ConfigError past MAX_DEPTH."""
+        if self.depth >= MAX_DEPTH:
             peek: Callable[[], yaml.Event] = self.peek_event
             mark = peek().start_mark
             line = mark.line + 1 if mark is not None else None
             reason = f"invalid YAML: nested more than {MAX_DEPTH} levels deep"
             raise ConfigError("", reason, line=line)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     def compose_sequence_node(self, anchor: Any) -> yaml.SequenceNode:
-        self._enter()
-        try:
+        with self._deeper():
             return super().compose_sequence_node(anchor)
-        finally:
-            self.depth -= 1
 
     def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
-        self._enter()
-        try:
+        with self._deeper():
             return super().compose_mapping_node(anchor)
-        finally:
-            self.depth -= 1
 
 
 def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config:

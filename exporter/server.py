@@ -10,7 +10,6 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +27,7 @@ from .client import ConnectionStats
 from .collector import Collection, Collector
 from .config import Config, load_config
 from .errors import ConfigError
-from .health import Status, plural
+from .health import Status, iso_time, plural
 from .logs import BadRequestFilter, fields
 from .metrics import HttpState, ReloadState, render
 from .probes import ProbeRunner, ProbeStats
@@ -241,8 +240,7 @@ class Exporter:
                 )
                 raise ConfigError("", reason, file=str(self.config_path or "")) from None
             self.reload_state = ReloadState(True, self.wall_clock())
-            for warning in config.warnings:
-                log.warning("configuration warning", extra=fields(warning=warning))
+            log_warnings(config)
             # A CA file may have been replaced under the same name: new clients read it again.
             rereads = any(p.tls_config.ca_file is not None for p in config.providers)
             if config == self.config and not rereads:
@@ -296,6 +294,12 @@ class HttpCounters:
     def state(self) -> HttpState:
         """The counts as plain data, for the renderer."""
         return HttpState(self.connections, self.connections_closed, self.bad_requests.count)
+
+
+def log_warnings(config: Config) -> None:
+    """Log what in a configuration is valid but probably not meant, one line each."""
+    for warning in config.warnings:
+        log.warning("configuration warning", extra=fields(warning=warning))
 
 
 def _default_registry() -> CollectorRegistry:
@@ -359,7 +363,7 @@ def health_document(collection: Collection) -> dict[str, Any]:
             c.key: {"status": c.status.value, "reason": c.reason, "details": c.details}
             for c in collection.health.components
         },
-        "last_check": datetime.fromtimestamp(collection.finished_at, UTC).isoformat(),
+        "last_check": iso_time(collection.finished_at),
     }
 
 

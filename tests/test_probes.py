@@ -278,6 +278,8 @@ async def test_a_bomb_in_a_probe_stream_is_a_counted_failure(
         config = config_of(provider_yaml("p", kind, url, probes=probes(8, "5s", f"[{model}]")))
         async with running(config) as exporter:
             scrape = await first_probe(exporter, "p")
+            # /health judges the latest collection: one that starts after the probe failed.
+            await exporter.scrape()
             health = (await exporter.http.get("/health")).json()
     assert scrape.value("llm_probe_requests_total", model=model, outcome="invalid_response") == 1
     verdict = health["components"]["provider/p"]
