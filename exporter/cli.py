@@ -14,7 +14,14 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
-from .config import DEFAULT_LISTEN_ADDRESS, Config, dump_config, load_config, parse_duration
+from .config import (
+    DEFAULT_LISTEN_ADDRESS,
+    Config,
+    dump_config,
+    load_config,
+    parse_duration,
+    parse_listen_address,
+)
 from .discovery import discover
 from .errors import ConfigError
 from .logs import LEVELS, fields, setup_logging
@@ -106,15 +113,6 @@ def _seconds(text: str) -> float:
     if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration like 15s, got {text!r}")
     return seconds
-
-
-def parse_listen_address(address: str) -> tuple[str | None, int]:
-    """(host or None for all interfaces, port) from [host]:port; ValueError if malformed."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError(f'invalid listen address "{address}": expected [host]:port')
-    host = host.removeprefix("[").removesuffix("]")
-    return (host or None), int(port_text)
 
 
 async def serve(

@@ -23,7 +23,11 @@ from .providers.base import HistogramData
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # OpenTelemetry GenAI's operation-duration buckets: doubling from 10 ms to about 82 s.
+# OpenTelemetry GenAI's recommended buckets: operation duration (doubling from 10 ms to
+# 81.92 s), time to first token, time per output token.
 DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # Shorter than the 5 s keep-alive that llama-server and uvicorn announce, so the pool
 # drops a connection before the server does instead of racing it.
 KEEPALIVE_EXPIRY = 4.0
@@ -213,7 +217,8 @@ def status_failure(status: int) -> FailureClass:
     return FailureClass.INVALID_RESPONSE
 
 
-def _ssl_context(config: ProviderConfig) -> ssl.SSLContext | bool:
+def ssl_context(config: ProviderConfig) -> ssl.SSLContext | bool:
+    """How to verify a provider's certificate: an SSL context, or True (the system's CAs) or False."""
     if config.tls_config.insecure_skip_verify:
         return False
     if config.tls_config.ca_file is not None:
@@ -240,7 +245,7 @@ class ProviderClient:
         self.timeout = config.timeout
         self._base_url = config.url
         self._headers = headers
-        self._ssl = _ssl_context(config)
+        self._ssl = ssl_context(config)
         self._secret = config.api_key
         self._stats = stats
         self._clock = clock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import math
 import os
 import re
@@ -78,6 +79,26 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """A measuring proxy in front of the provider: clients send it what they would send the
+    provider, and it forwards every request to the provider's url."""
+
+    listen: str  # [host]:port, as written
+    first_byte_timeout: float = 600.0  # a model load or a long prompt comes before the first byte
+    idle_timeout: float = 300.0  # between two chunks of a streamed answer
+    max_connections: int = 1024
+    models: tuple[str, ...] = ()  # kept as model labels besides the provider's own models
+    client_header: str | None = None  # a header naming the client, for attribution
+    # SHA-256 hex prefixes of API keys (bearer tokens) to client names.
+    client_keys: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> tuple[str | None, int]:
+        """(host or None for every interface, port) to listen on."""
+        return parse_listen_address(self.listen)
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     """One provider instance to watch."""
 
@@ -92,6 +113,7 @@ class ProviderConfig:
     max_models: int = 100
     max_series: int = 10000
     probes: ProbeConfig | None = None
+    gateway: GatewayConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,15 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_listen_address(address: str) -> tuple[str | None, int]:
+    """(host or None for all interfaces, port) from [host]:port; ValueError if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f'invalid listen address "{address}": expected [host]:port')
+    host = host.removeprefix("[").removesuffix("]")
+    return (host or None), int(port_text)
 
 
 def parse_duration(text: str) -> float | None:
@@ -583,9 +614,70 @@ def _parse_provider(
         max_models=reader.scalar("max_models", _positive_int, ProviderConfig.max_models),
         max_series=reader.scalar("max_series", _positive_int, ProviderConfig.max_series),
         probes=reader.section("probes", _parse_probes, None),
+        gateway=reader.section("gateway", _parse_gateway, None),
     )
     reader.finish()
     return provider
+
+
+_KEY_PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
+MAX_GATEWAY_CLIENTS = 256
+
+
+def _listen(value: Any, path: str, node: yaml.Node) -> str:
+    text = _string(value, path, node)
+    try:
+        parse_listen_address(text)
+    except ValueError:
+        raise _fail(path, node, f"expected [host]:port, got {_describe(text)}") from None
+    return text
+
+
+def _header_name(value: Any, path: str, node: yaml.Node) -> str:
+    name = _string(value, path, node)
+    if not _HEADER_RE.match(name):
+        raise _fail(path, node, f"{_describe(name)} is not a valid HTTP header name")
+    return name
+
+
+def _parse_client_keys(reader: _Reader | None) -> dict[str, str]:
+    if reader is None:
+        return {}
+    keys = {}
+    for prefix, (key_node, _) in reader.items.items():
+        if not _KEY_PREFIX_RE.match(prefix):
+            reason = (
+                "expected 8 to 64 lower-case hex digits of the key's SHA-256"
+                ' (printf %s "$KEY" | sha256sum | cut -c1-12), never the key itself'
+            )
+            raise reader.error(f"{reader.path}.<prefix>", reason, key_node)
+        keys[prefix] = reader.scalar(prefix, _name, "")
+    if len(keys) > MAX_GATEWAY_CLIENTS:
+        raise reader.error(reader.path, f"at most {MAX_GATEWAY_CLIENTS} clients")
+    for prefix, other in itertools.combinations(sorted(keys), 2):
+        if other.startswith(prefix):
+            where = f"{reader.path}.{other[:8]}..."
+            raise reader.error(where, "one prefix starts with another: which client is it?")
+    return keys
+
+
+def _parse_gateway(reader: _Reader | None) -> GatewayConfig | None:
+    if reader is None:
+        return None
+    default = GatewayConfig(listen="")
+    gateway = GatewayConfig(
+        listen=reader.required("listen", _listen),
+        first_byte_timeout=reader.scalar(
+            "first_byte_timeout", _duration, default.first_byte_timeout
+        ),
+        idle_timeout=reader.scalar("idle_timeout", _duration, default.idle_timeout),
+        max_connections=reader.scalar("max_connections", _positive_int, default.max_connections),
+        models=tuple(_string_item(node, path) for node, path in reader.sequence("models")),
+        client_header=reader.scalar("client_header", _header_name, None),
+        client_keys=reader.section("client_keys", _parse_client_keys, {}),
+    )
+    reader.finish()
+    return gateway
 
 
 def _url_warnings(provider: ProviderConfig, path: str) -> list[str]:
@@ -824,6 +916,7 @@ def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config
     providers: list[ProviderConfig] = []
     warnings: list[str] = []
     seen: dict[str, int] = {}
+    listening: dict[tuple[str | None, int], str] = {}
     for index, (node, path) in enumerate(reader.sequence("providers")):
         try:
             provider = _parse_provider(node, path, file, errors)
@@ -840,6 +933,7 @@ def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config
                 )
             )
         seen.setdefault(provider.name, index)
+        _check_listen(provider, path, node, listening, reader)
         warnings.extend(_url_warnings(provider, path))
         providers.append(provider)
     config = Config(
@@ -855,6 +949,38 @@ def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config
             reader.error("providers", "nothing to do: configure a provider or enable host")
         )
     return config
+
+
+def _child(node: yaml.Node, *keys: str) -> yaml.Node:
+    """The node at keys under a mapping node (the node itself where one is missing)."""
+    for key in keys:
+        value = dict((k.value, v) for k, v in node.value if isinstance(k, yaml.ScalarNode))
+        if key not in value:
+            return node
+        node = value[key]
+    return node
+
+
+def _check_listen(
+    provider: ProviderConfig,
+    path: str,
+    node: yaml.Node,
+    listening: dict[tuple[str | None, int], str],
+    reader: _Reader,
+) -> None:
+    """Refuse a gateway address that another provider's gateway already takes."""
+    if provider.gateway is None or not provider.gateway.listen:
+        return
+    host, port = provider.gateway.address
+    if port == 0:  # any free port: never the same as another
+        return
+    for (other_host, other_port), where in listening.items():
+        if port == other_port and (host == other_host or None in (host, other_host)):
+            reason = f"port {port} is already taken by {where}"
+            listen_node = _child(node, "gateway", "listen")
+            reader.errors.append(reader.error(f"{path}.gateway.listen", reason, listen_node))
+            return
+    listening[(host, port)] = f"{path}.gateway"
 
 
 def load_config(path: str | Path) -> Config:
@@ -938,6 +1064,20 @@ def _provider_document(provider: ProviderConfig) -> dict[str, object]:
             "prompt": probes.prompt,
             "max_tokens": probes.max_tokens,
         }
+    if provider.gateway is not None:
+        gateway = provider.gateway
+        section: dict[str, object] = {
+            "listen": gateway.listen,
+            "first_byte_timeout": format_duration(gateway.first_byte_timeout),
+            "idle_timeout": format_duration(gateway.idle_timeout),
+            "max_connections": gateway.max_connections,
+            "models": list(gateway.models),
+        }
+        if gateway.client_header is not None:
+            section["client_header"] = gateway.client_header
+        if gateway.client_keys:
+            section["client_keys"] = dict(gateway.client_keys)
+        document["gateway"] = section
     return document
 
 

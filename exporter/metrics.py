@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from . import __version__
 from .client import ConnectionStats
 from .collector import Collection, ProviderResult
+from .gateway import GatewayStats
 from .health import Status
 from .probes import ProbeStats
 from .providers.base import EngineSnapshot, HistogramData
@@ -72,7 +73,7 @@ SPECS = {
         Spec("llm_requests_waiting", "gauge", "Requests queued at the provider, waiting to be processed.", PM),
         Spec("llm_kv_cache_usage_ratio", "gauge", "Share of the KV cache in use, from 0 to 1.", PM),
         Spec("llm_slots", "gauge", "The provider's processing slots, by state (busy or idle).", (*PM, "state")),
-        Spec("llm_tokens_total", "counter", "Tokens the provider processed, by type (input: prompt tokens evaluated, output: generated).", (*PM, "type")),
+        Spec("llm_tokens_total", "counter", "Tokens the provider processed, by type (input: every prompt token, cached or not, as OpenTelemetry counts them; output: generated).", (*PM, "type")),
         Spec("llm_input_tokens_cached_total", "counter", "Prompt tokens the provider reused from its cache instead of evaluating.", PM),
         Spec("llm_token_processing_seconds_total", "counter", "Time the provider spent evaluating prompts (input) and generating (output), summed over requests.", (*PM, "type")),
         Spec("llm_tokens_per_second", "gauge", "The provider's own average throughput, by type.", (*PM, "type")),
@@ -91,6 +92,18 @@ SPECS = {
         Spec("llm_model_load_duration_seconds", "histogram", "Time the provider spent loading the model for a synthetic probe request, as it reported (Ollama's load_duration).", PM),
         Spec("llm_probe_last_run_timestamp_seconds", "gauge", "When the last synthetic probe of the model finished, successful or not.", PM),
         Spec("llm_probe_last_success_timestamp_seconds", "gauge", "When the last successful synthetic probe of the model finished.", PM),
+        # The measuring gateway: real requests that clients sent through it, since start.
+        Spec("llm_gateway_requests_total", "counter", "Requests clients sent through the gateway, by operation, status class the client got (code, \"none\" if it got no answer), outcome (complete, abandoned, upstream_failed, timeout) and client.", (*PM, "operation", "code", "outcome", "client")),
+        Spec("llm_gateway_request_duration_seconds", "histogram", "Duration of requests through the gateway, from the request's arrival to the answer's last byte.", (*PM, "operation")),
+        Spec("llm_gateway_time_to_first_token_seconds", "histogram", "Time from a streamed request's arrival at the gateway to the first chunk carrying generated output.", (*PM, "operation")),
+        Spec("llm_gateway_time_per_output_token_seconds", "histogram", "Time per generated token after the first, in streamed requests through the gateway.", (*PM, "operation")),
+        Spec("llm_gateway_tokens_total", "counter", "Tokens of requests through the gateway, by type (input: every prompt token, cached or not; output), source (usage: the provider's own count; stream_chunks: content chunks of a stream without usage, one per token) and client.", (*PM, "type", "source", "client")),
+        Spec("llm_gateway_input_tokens_cached_total", "counter", "Prompt tokens of requests through the gateway that the provider reused from its cache (part of the input tokens).", PM),
+        Spec("llm_gateway_requests_in_flight", "gauge", "Requests through the gateway that have not finished.", PM),
+        Spec("llm_gateway_upstream_retries_total", "counter", "Requests the gateway sent again on a new connection because the provider had closed the pooled one.", P),
+        Spec("llm_gateway_unmetered_responses_total", "counter", "Answers relayed whose usage could not be read, by reason (too_large, encoding, invalid_json).", (*P, "reason")),
+        Spec("llm_gateway_connections", "gauge", "Client connections open to the gateway.", P),
+        Spec("llm_gateway_connections_closed_total", "counter", "Client connections the gateway closed because max_connections were open.", P),
         # The host.
         Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
         Spec("llm_host_cpus", "gauge", "Logical CPUs of the host.", ()),
@@ -242,6 +255,32 @@ def _probes(out: _Families, stats: ProbeStats) -> None:
         out.add("llm_probe_last_success_timestamp_seconds", labels, probe.last_success)
 
 
+def _gateway(out: _Families, stats: GatewayStats) -> None:
+    for provider, traffic in sorted(stats.providers.items()):
+        for request_key, count in sorted(traffic.requests.items()):
+            out.add("llm_gateway_requests_total", [provider, *request_key], count)
+        for (model, operation), latencies in sorted(traffic.latencies.items()):
+            labels = [provider, model, operation]
+            out.histogram("llm_gateway_request_duration_seconds", labels, latencies.duration.data())
+            for name, buckets in (
+                ("llm_gateway_time_to_first_token_seconds", latencies.time_to_first_token),
+                ("llm_gateway_time_per_output_token_seconds", latencies.time_per_output_token),
+            ):
+                if buckets.observed:
+                    out.histogram(name, labels, buckets.data())
+        for tokens_key, count in sorted(traffic.tokens.items()):
+            out.add("llm_gateway_tokens_total", [provider, *tokens_key], count)
+        for model, count in sorted(traffic.cached_input_tokens.items()):
+            out.add("llm_gateway_input_tokens_cached_total", [provider, model], count)
+        for model, count in sorted(traffic.in_flight.items()):
+            out.add("llm_gateway_requests_in_flight", [provider, model], count)
+        out.add("llm_gateway_upstream_retries_total", [provider], traffic.retries)
+        for reason, count in sorted(traffic.unmetered.items()):
+            out.add("llm_gateway_unmetered_responses_total", [provider, reason], count)
+        out.add("llm_gateway_connections", [provider], traffic.connections)
+        out.add("llm_gateway_connections_closed_total", [provider], traffic.connections_closed)
+
+
 def _resources(out: _Families, collection: Collection) -> None:
     host = collection.resources.host
     if host is not None:
@@ -311,6 +350,7 @@ def render(
     probes: ProbeStats,
     reload: ReloadState,
     http: HttpState | None = None,
+    gateway: GatewayStats | None = None,
 ) -> list[Metric]:
     """All metric families of one scrape."""
     out = _Families()
@@ -318,6 +358,8 @@ def render(
         _provider(out, result)
     _connections(out, stats)
     _probes(out, probes)
+    if gateway is not None:
+        _gateway(out, gateway)
     _resources(out, collection)
     _health(out, collection)
     out.add("llm_exporter_build_info", [__version__, platform.python_version()], 1.0)

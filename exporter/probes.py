@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .client import DURATION_BUCKETS, Buckets
+from .client import DURATION_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Buckets
 from .config import Config, ProbeConfig, ProviderConfig
 from .errors import ProviderError
 from .logs import fields
@@ -26,9 +26,6 @@ from .providers.base import ModelSnapshot, ProbeMeasurement, ProbeSpec
 
 log = logging.getLogger(__name__)
 
-# OpenTelemetry GenAI's recommended buckets for time to first token and per output token.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)  # fmt: skip
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 SUCCESS = "success"
 # A model not probed for this many of its provider's intervals (and at least this many
 # seconds) is forgotten, its series with it.

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import psutil
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -26,7 +25,9 @@ from . import __version__
 from .client import ConnectionStats
 from .collector import Collection, Collector
 from .config import Config, load_config
+from .connections import limit_connections
 from .errors import ConfigError
+from .gateway import Gateway, GatewayStats
 from .health import Status, iso_time, plural
 from .logs import BadRequestFilter, fields
 from .metrics import HttpState, ReloadState, render
@@ -80,6 +81,8 @@ class Exporter:
         self.stats = ConnectionStats()
         self.probe_stats = ProbeStats()
         self.http = HttpCounters()
+        self.gateway_stats = GatewayStats()
+        self.gateway = Gateway(self.gateway_stats)
         self.registry = registry if registry is not None else _default_registry()
         self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
         self.wall_clock = wall_clock
@@ -172,6 +175,10 @@ class Exporter:
         if collector is self.collector and (full or self.last is None):
             self.last = collection
             self._log_changes(collection)
+            for result in collection.providers:
+                if result.snapshot.up:
+                    models = (model.name for model in result.snapshot.models)
+                    self.gateway.note_models(result.config.name, models)
         return collection
 
     def _log_changes(self, collection: Collection) -> None:
@@ -199,7 +206,12 @@ class Exporter:
         """The families of one scrape: the exporter's own process, then the collection."""
         yield from self.registry.collect()
         yield from render(
-            collection, self.stats, self.probe_stats, self.reload_state, self.http.state()
+            collection,
+            self.stats,
+            self.probe_stats,
+            self.reload_state,
+            self.http.state(),
+            self.gateway_stats,
         )
 
     @property
@@ -257,6 +269,10 @@ class Exporter:
             retiring.add_done_callback(self._retiring.discard)
             if probing:
                 self.start_probes()
+            try:
+                await self.gateway.apply(config)
+            except ConfigError as exc:  # a gateway that cannot listen: the others run
+                log.error("gateway not started", extra=fields(error=exc))
             log.info("configuration reloaded", extra=fields(providers=len(config.providers)))
             return True
 
@@ -281,6 +297,7 @@ class Exporter:
         self.cancel_collection()
         await asyncio.gather(*self._tasks, *self._retiring, return_exceptions=True)
         await self.collector.aclose()
+        await self.gateway.aclose()
 
 
 class HttpCounters:
@@ -543,6 +560,7 @@ def create_app(exporter: Exporter) -> web.Application:
 async def _start(app: web.Application) -> None:
     exporter = app[EXPORTER_KEY]
     logging.getLogger("aiohttp.server").addFilter(exporter.http.bad_requests)
+    await exporter.gateway.apply(exporter.config)
     exporter.start_probes()
 
 
@@ -550,6 +568,7 @@ async def _stop(app: web.Application) -> None:
     exporter = app[EXPORTER_KEY]
     logging.getLogger("aiohttp.server").removeFilter(exporter.http.bad_requests)
     await exporter.stop_probes()
+    await exporter.gateway.aclose()
 
 
 async def start_runner(
@@ -574,39 +593,3 @@ async def start_runner(
     assert runner.server is not None
     limit_connections(runner.server, max_connections, exporter.http)
     return runner
-
-
-def limit_connections(server: web.Server, limit: int, counters: HttpCounters) -> None:
-    """Keep at most limit connections open: past it, close the oldest idle one (so idle
-    sockets cannot lock a scraper out), or the new one when every other is busy."""
-    admit, lose = server.connection_made, server.connection_lost
-    # Open and not being closed, oldest first (aiohttp forgets a connection only once its
-    # handler task is done, so server.connections lags behind).
-    alive: dict[RequestHandler, None] = {}
-
-    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-        admit(handler, transport)
-        alive[handler] = None
-        if len(alive) > limit:
-            idle = (h for h in alive if h is not handler and _idle(h))
-            evicted = next(idle, handler)
-            del alive[evicted]
-            evicted.force_close()
-            counters.connections_closed += 1
-        counters.connections = len(alive)
-
-    def connection_lost(handler: RequestHandler, exc: BaseException | None) -> None:
-        lose(handler, exc)
-        alive.pop(handler, None)
-        counters.connections = len(alive)
-
-    # aiohttp's Server has no hook for this: wrap the two methods its handlers call.
-    setattr(server, "connection_made", connection_made)  # noqa: B010
-    setattr(server, "connection_lost", connection_lost)  # noqa: B010
-
-
-def _idle(handler: RequestHandler) -> bool:
-    # Waiting for the next request: aiohttp's own keep-alive check asks the same. A handler
-    # between requests, still writing its answer, has no such waiter and is not cut off.
-    waiter = getattr(handler, "_waiter", None)
-    return waiter is not None and not waiter.done()

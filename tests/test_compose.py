@@ -24,8 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
-from exporter.cli import build_parser, parse_listen_address
-from exporter.config import load_config, parse_config
+from exporter.cli import build_parser
+from exporter.config import load_config, parse_config, parse_listen_address
 from llamacpp_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

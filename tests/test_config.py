@@ -20,6 +20,7 @@ import yaml
 from exporter.cli import build_parser
 from exporter.config import (
     Config,
+    GatewayConfig,
     GlobalConfig,
     HealthConfig,
     HostConfig,
@@ -56,6 +57,29 @@ def provider(*extra: str, kind: str = "ollama", url: str = "http://localhost:114
 # (id, file text, the whole message). FILE is the file's path, DIR the directory it is in,
 # which also holds empty.key (an empty file) and key (a secret).
 INVALID = [
+    (
+        "gateway without listen",
+        provider("    gateway: {idle_timeout: 1m}"),
+        "FILE:5: providers[0].gateway.listen: is required",
+    ),
+    (
+        "gateway listen not an address",
+        provider("    gateway: {listen: localhost}"),
+        'FILE:5: providers[0].gateway.listen: expected [host]:port, got "localhost"',
+    ),
+    (
+        "two gateways on one port",
+        provider("    gateway: {listen: '127.0.0.1:11435'}")
+        + "  - {name: b, kind: ollama, url: 'http://h:1', gateway: {listen: ':11435'}}\n",
+        "FILE:6: providers[1].gateway.listen: port 11435 is already taken by providers[0].gateway",
+    ),
+    (
+        "gateway client key given instead of its digest",
+        provider("    gateway:", "      listen: :11435", "      client_keys: {sk-abc123: me}"),
+        "FILE:7: providers[0].gateway.client_keys.<prefix>: expected 8 to 64 lower-case hex"
+        ' digits of the key\'s SHA-256 (printf %s "$KEY" | sha256sum | cut -c1-12), never the key'
+        " itself",
+    ),
     (
         "probe timeout above the interval",
         provider("    probes:", "      interval: 10s", "      timeout: 20s"),
@@ -95,7 +119,7 @@ INVALID = [
     (
         "unknown provider key, nothing close",
         provider("    colour: red"),
-        "FILE:5: providers[0].colour: unknown key (known keys: api_key, api_key_file, headers,"
+        "FILE:5: providers[0].colour: unknown key (known keys: api_key, api_key_file, gateway, headers,"
         " kind, max_models, max_series, name, probes, process, timeout, tls_config, url)",
     ),
     (
@@ -739,7 +763,8 @@ def _documented(section: str) -> dict[str, tuple[str, str]]:
 def _code_defaults() -> dict[str, dict[str, Any]]:
     """The default of every documented key, from the dataclasses; None when not set."""
     p = {f.name: f.default for f in fields(ProviderConfig) if f.name not in ("name", "kind", "url")}
-    p.update(headers={}, api_key_file=None, tls_config=..., process=None, probes=None)
+    gateway = {f.name: f.default for f in fields(GatewayConfig) if f.name != "listen"}
+    p.update(headers={}, api_key_file=None, tls_config=..., process=None, probes=None, gateway=None)
     health: dict[str, Any] = {"max_age": HealthConfig().max_age}
     for name in (
         "response_time",
@@ -759,6 +784,7 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
         "providers[].tls_config": {f.name: f.default for f in fields(TLSConfig)},
         "providers[].process": {f.name: f.default for f in fields(ProcessMatch)},
         "providers[].probes": {f.name: f.default for f in fields(ProbeConfig)},
+        "providers[].gateway": gateway | {"client_keys": {}},
         "host": {f.name: f.default for f in fields(HostConfig)},
         "health": health,
     }
@@ -768,7 +794,9 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
 def test_docs_give_every_key_and_its_default(section: str) -> None:
     documented = _documented(section)
     defaults = _code_defaults()[section]
-    required = {"name", "kind", "url"} if section == "providers[]" else set()
+    required = {"providers[]": {"name", "kind", "url"}, "providers[].gateway": {"listen"}}.get(
+        section, set()
+    )
     assert set(documented) == set(defaults) | required
     for key, (kind, cell) in documented.items():
         if key in required:
@@ -805,6 +833,9 @@ def test_docs_list_exactly_the_keys_the_parser_knows() -> None:
     )
     assert _known_keys(provider(f"    probes: {{{bogus}}}")) == set(
         _documented("providers[].probes")
+    )
+    assert _known_keys(provider(f"    gateway: {{listen: ':1', {bogus}}}")) == set(
+        _documented("providers[].gateway")
     )
     assert _known_keys(provider() + f"host: {{{bogus}}}") == set(_documented("host"))
     health = {key.split(".")[0] for key in _documented("health")}

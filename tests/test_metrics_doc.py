@@ -8,12 +8,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_server import LlamaCppServer
-from tests.helpers import config_of, provider_yaml, running
-from tests.standins import StandIn, ollama_chat, ollama_routes, openai_routes, vllm_routes
+from tests.helpers import Running, config_of, provider_yaml, running
+from tests.standins import (
+    StandIn,
+    ollama_chat,
+    ollama_routes,
+    openai_routes,
+    reply,
+    vllm_routes,
+)
 from tests.test_host import StandInNvml
 from tests.test_probes import first_probe
 
@@ -52,16 +60,28 @@ def full_scrape(llama_server: LlamaCppServer) -> str:
 async def scrape_everything(llama_server: LlamaCppServer) -> str:
     """Scrape an exporter watching every provider kind, a provider process, a GPU and probes."""
     chat = ollama_chat(("Hi", "!"), first_load_ns=1_500_000_000, later_load_ns=1_000_000)
+    # An answer the gateway's meter cannot read: it passes, counted as unmetered.
+    broken = reply(b'{"model": "llama3.2", "response": ', content_type="application/json")
     async with (
-        StandIn(ollama_routes(**{"/api/chat": chat})) as ollama,
+        StandIn(ollama_routes(**{"/api/chat": chat, "/api/generate": broken})) as ollama,
         StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as vllm,
         StandIn(openai_routes()) as openai,
     ):
         config = config_of(
             provider_yaml(
-                "llama", "llamacpp", llama_server.url, process=f"{{port: {llama_server.port}}}"
+                "llama",
+                "llamacpp",
+                llama_server.url,
+                process=f"{{port: {llama_server.port}}}",
+                gateway="{listen: '127.0.0.1:0'}",
             ),
-            provider_yaml("ollama", "ollama", ollama.url, probes="{interval: 1h, jitter: 0}"),
+            provider_yaml(
+                "ollama",
+                "ollama",
+                ollama.url,
+                probes="{interval: 1h, jitter: 0}",
+                gateway="{listen: '127.0.0.1:0'}",
+            ),
             provider_yaml("vllm", "vllm", vllm.url),
             # Two models, one allowed: the dropped one shows in llm_exporter_series_dropped.
             provider_yaml("api", "openai", f"{openai.url}/v1", max_models=1),
@@ -69,7 +89,20 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
         assert llama_server.pid is not None
         async with running(config, nvml=StandInNvml(llama_server.pid)) as exporter:
             await first_probe(exporter, "ollama")
+            await through_the_gateways(exporter)
             return (await exporter.http.get("/metrics")).text
+
+
+async def through_the_gateways(exporter: Running) -> None:
+    """Streamed chats through the llama.cpp gateway (the second reuses the prompt cache), an
+    unreadable answer through Ollama's."""
+    addresses = exporter.exporter.gateway.addresses
+    async with httpx.AsyncClient(timeout=30) as client:
+        body = {"model": "tiny-llama", "messages": [], "max_tokens": 4, "stream": True}
+        for _ in range(2):
+            chat = await client.post(f"http://{addresses['llama']}/v1/chat/completions", json=body)
+        generate = await client.post(f"http://{addresses['ollama']}/api/generate", json={})
+    assert (chat.status_code, generate.status_code) == (200, 200)
 
 
 def test_catalogue_equals_a_real_scrape(full_scrape: str) -> None:

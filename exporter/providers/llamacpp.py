@@ -4,7 +4,8 @@ Reads GET /health (503 while the model loads: up, not ready), /v1/models, /props
 /slots (busy or idle only: slot prompts are never read into a snapshot) and
 /metrics, whose llamacpp:* series map onto the normalized ones:
 
-    llamacpp:prompt_tokens_total 221       -> llm_tokens_total{type="input"} 221
+    llamacpp:prompt_tokens_total 221       -> llm_tokens_total{type="input"} 305
+    llamacpp:prompt_tokens_cached_total 84 -> llm_input_tokens_cached_total 84
     llamacpp:tokens_predicted_total 360    -> llm_tokens_total{type="output"} 360
     llamacpp:requests_processing 2         -> llm_requests_running 2
     llamacpp:requests_deferred 3           -> llm_requests_waiting 3
@@ -89,7 +90,12 @@ def _slots(reply: Reply) -> tuple[float, float]:
 
 def _engine_values(reply: Reply) -> dict[str, float]:
     samples = parse_samples(reply.text(), _METRICS, reply.endpoint)
-    return {_METRICS[s.name]: s.value for s in samples if s.name in _METRICS}
+    values = {_METRICS[s.name]: s.value for s in samples if s.name in _METRICS}
+    # llama.cpp counts only the prompt tokens it evaluated; input tokens, as OpenTelemetry
+    # and every other kind count them, are all prompt tokens, cached or not.
+    if "input_tokens_total" in values:
+        values["input_tokens_total"] += values.get("cached_input_tokens_total", 0.0)
+    return values
 
 
 class LlamaCppProvider:
