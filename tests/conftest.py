@@ -24,6 +24,13 @@ def larger_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(path, layers=8, width=512, heads=8, ff=1024)
 
 
+@pytest.fixture(scope="session")
+def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The larger variant with an 8k context: a 4,000-token generation takes it many seconds."""
+    path = tmp_path_factory.mktemp("models") / "long-llama.gguf"
+    return write_tiny_gguf(path, layers=8, width=512, heads=8, ff=1024, ctx=8192)
+
+
 @pytest.fixture(scope="module")
 def llama_server(tiny_model: Path) -> Iterator[LlamaCppServer]:
     """A real llama.cpp server with 4 slots serving the tiny model, for one test module."""

@@ -406,6 +406,28 @@ async def test_a_client_going_away_cancels_the_request_upstream() -> None:
     assert scrape.value("llm_gateway_requests_in_flight", provider="p", model="m") == 0
 
 
+async def test_a_client_going_away_before_the_answer_closes_the_providers_connection() -> None:
+    closed = asyncio.Event()
+
+    async def thinking(request: web.Request) -> web.StreamResponse:
+        for _ in range(500):  # a long non-streamed generation, watching its connection
+            if request.transport is None or request.transport.is_closing():
+                closed.set()
+                break
+            await asyncio.sleep(0.01)
+        return web.json_response({"choices": []})
+
+    async with (
+        StandIn({"/v1/chat/completions": thinking}) as upstream,
+        gatewayed(f"{upstream.url}/v1") as (exporter, client),
+    ):
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/v1/chat/completions", json={"model": "m"}, timeout=0.3)
+        await asyncio.wait_for(closed.wait(), 3)
+        scrape = await exporter.scrape()
+    assert requests_total(scrape, code="none", outcome="abandoned") == 1
+
+
 async def test_a_slow_client_holds_back_the_provider_not_the_gateways_memory() -> None:
     """The provider offers 256 MiB; a client that reads nothing lets only a few MiB through."""
     written = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +112,78 @@ async def test_waiting_series_shows_the_queue(vllm: VllmServer) -> None:
         )
     assert (4, 4) in seen, seen
     assert max(running for running, _ in seen) <= 4, seen
+
+
+async def test_gateway_token_counts_equal_vllms_own(vllm: VllmServer) -> None:
+    """Real traffic through the gateway (here, to share the one vLLM server of this module):
+    streamed with usage, streamed without, and not streamed."""
+    config = config_of(provider_yaml("vllm", "vllm", vllm.url, gateway="{listen: '127.0.0.1:0'}"))
+    async with running(config) as exporter, httpx.AsyncClient(base_url=vllm.url) as direct:
+        before, truth_before = await exporter.scrape(), await own(direct)
+        gateway = f"http://{exporter.exporter.gateway.addresses['vllm']}"
+        received: list[dict[str, int]] = []
+        streamed_chunks = 0
+        async with httpx.AsyncClient(base_url=gateway, timeout=60) as client:
+            for index in range(6):
+                body: dict[str, object] = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": f"Count to {index}."}],
+                    "max_tokens": 5 + index,
+                    "ignore_eos": True,
+                    "temperature": 0,  # the same tokens, so the same chunks, every run
+                    "stream": index % 3 != 0,
+                }
+                if index % 3 == 1:
+                    body["stream_options"] = {"include_usage": True}
+                response = await client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200
+                if index % 3 == 0:
+                    received.append(response.json()["usage"])
+                    continue
+                events = [
+                    json.loads(line[6:])
+                    for line in response.text.splitlines()
+                    if line.startswith("data: {")
+                ]
+                usage = [e["usage"] for e in events if e.get("usage")]
+                if usage:
+                    received.append(usage[-1])
+                else:  # no usage in the stream: the gateway counts content chunks, and says so
+                    streamed_chunks += sum(
+                        1
+                        for e in events
+                        if e["choices"] and e["choices"][0]["delta"].get("content")
+                    )
+        expected_out = sum(u["completion_tokens"] for u in received) + streamed_chunks
+        for _ in range(50):  # vLLM updates its counters just after it answers
+            truth = await own(direct)
+            if (
+                truth.value("vllm:generation_tokens_total", model_name="tiny")
+                == (truth_before.value("vllm:generation_tokens_total", model_name="tiny") or 0)
+                + expected_out
+            ):
+                break
+            await asyncio.sleep(0.1)
+        after = await exporter.scrape()
+
+    def delta(scrape: Scrape, first: Scrape, name: str, **labels: str) -> float:
+        now = sum(v for _, v in scrape.all(name, **labels))
+        return now - sum(v for _, v in first.all(name, **labels))
+
+    tiny = {"provider": "vllm", "model": "tiny"}
+    engine_out = delta(truth, truth_before, "vllm:generation_tokens_total", model_name="tiny")
+    engine_in = delta(truth, truth_before, "vllm:prompt_tokens_total", model_name="tiny")
+    out_usage = delta(
+        after, before, "llm_gateway_tokens_total", type="output", source="usage", **tiny
+    )
+    out_chunks = delta(
+        after, before, "llm_gateway_tokens_total", type="output", source="stream_chunks", **tiny
+    )
+    assert out_usage == sum(u["completion_tokens"] for u in received)
+    assert out_chunks == streamed_chunks > 0
+    assert out_usage + out_chunks == engine_out
+    # Input tokens come only with usage: the two streams without it carry none.
+    assert delta(after, before, "llm_gateway_tokens_total", type="input", **tiny) == sum(
+        u["prompt_tokens"] for u in received
+    )
+    assert engine_in >= sum(u["prompt_tokens"] for u in received)
