@@ -1,7 +1,8 @@
-"""`make run`: a real llama.cpp server with a tiny generated model, and the exporter scraping it.
+"""`make run`: a real llama.cpp server with a tiny generated model, the exporter scraping it,
+and the exporter's measuring gateway in front of it.
 
-Prints the URLs, sends a chat completion now and then so the counters move, and
-stops both servers on Ctrl-C.
+Prints the URLs, sends a chat completion through the gateway now and then so the counters
+move, and stops both servers on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exporter-port", type=int, default=9741)
     parser.add_argument("--llama-port", type=int, default=8080)
+    parser.add_argument("--gateway-port", type=int, default=8081)
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     model = CACHE / "tiny-llama.gguf"
@@ -44,10 +46,12 @@ def main() -> int:
         write_tiny_gguf(model)
     llama_port = port_or_free(args.llama_port)
     exporter_port = port_or_free(args.exporter_port)
+    gateway_port = port_or_free(args.gateway_port)
     config = CACHE / "llm-exporter.yml"
     with LlamaCppServer(model, port=llama_port) as llama:
         config.write_text(
-            "# Written by `make run`: the demo llama.cpp server, its process found by port, probed every 15 s.\n"
+            "# Written by `make run`: the demo llama.cpp server, its process found by port,"
+            " probed every 15 s, with a measuring gateway in front of it.\n"
             "providers:\n"
             "  - name: demo-llama\n"
             "    kind: llamacpp\n"
@@ -56,6 +60,8 @@ def main() -> int:
             f"      port: {llama_port}\n"
             "    probes:\n"
             "      interval: 15s\n"
+            "    gateway:\n"
+            f"      listen: 127.0.0.1:{gateway_port}\n"
         )
         exporter = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--config.file", str(config),
@@ -63,6 +69,7 @@ def main() -> int:
             cwd=ROOT,
         )  # fmt: skip
         url = f"http://127.0.0.1:{exporter_port}"
+        gateway = f"http://127.0.0.1:{gateway_port}"
         try:
             for _ in range(100):
                 with contextlib.suppress(httpx.TransportError):
@@ -76,14 +83,19 @@ def main() -> int:
                 f"exporter:         {url}/\n"
                 f"  metrics:        {url}/metrics\n"
                 f"  health:         {url}/health\n"
+                f"gateway:          {gateway}/v1  (send OpenAI requests here: they reach llama.cpp"
+                " and show on /metrics as llm_gateway_*)\n"
                 f"config:           {config}\n"
-                "A chat completion is sent every 10 s so the token counters move. Ctrl-C stops.\n",
+                "A chat completion is sent through the gateway every 10 s so the counters move."
+                " Ctrl-C stops.\n"
+                f"Try: curl {gateway}/v1/chat/completions -H 'Content-Type: application/json'"
+                """ -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}'\n""",
                 flush=True,
             )
             while exporter.poll() is None:
                 with contextlib.suppress(httpx.HTTPError):
                     httpx.post(
-                        f"{llama.url}/v1/chat/completions",
+                        f"{gateway}/v1/chat/completions",
                         json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16},
                         timeout=30,
                     )
