@@ -124,9 +124,14 @@ async def serve(
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> int:
     """Serve until SIGINT or SIGTERM; reload on SIGHUP. Returns the exit status."""
-    runner = await start_runner(
-        exporter, max_connections=max_connections, idle_timeout=idle_timeout
-    )
+    try:
+        runner = await start_runner(
+            exporter, max_connections=max_connections, idle_timeout=idle_timeout
+        )
+    except ConfigError as exc:  # a gateway that cannot listen
+        log.error("cannot start", extra=fields(error=exc))
+        await exporter.aclose()
+        return 1
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:

@@ -8,6 +8,7 @@ request to that provider and measuring what it did.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -84,7 +85,8 @@ class Gateway:
             try:
                 await self._start(provider)
             except OSError as exc:
-                reason = f"cannot listen: {exc.strerror or exc}"
+                in_use = exc.errno == errno.EADDRINUSE
+                reason = f"cannot listen: {'address already in use' if in_use else exc.strerror}"
                 failures.append(ConfigError(f"providers[{index}].gateway.listen", reason))
         if failures:
             raise failures[0]

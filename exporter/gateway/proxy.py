@@ -201,7 +201,11 @@ class Proxy:
         operation = operation_of(request.path)
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body, scanner, rest = await self._body(request)
+        try:
+            body, scanner, rest = await self._body(request)
+        except (aiohttp.ClientError, ValueError) as exc:  # a malformed or broken request body
+            log.debug("gateway: request body not read", extra=fields(error=type(exc).__name__))
+            return error_response(request.path, 400, "llm-exporter gateway: bad request body")
         requested = model_in(body) if scanner is None else scanner.model
         model = self.traffic.models.label(requested) if requested else ""
         call = _Call(self, request, operation, model, started)

@@ -1,0 +1,84 @@
+"""Gateway listeners follow the configuration: a reload moves, repoints and stops them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter.config import load_config
+from exporter.errors import ConfigError
+from exporter.gateway import Gateway, GatewayStats
+from tests.helpers import config_of, provider_yaml, running
+from tests.standins import StandIn, closed_port, json_reply
+
+ANSWER = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+
+def gateway_file(path: Path, url: str, listen: str | None) -> Path:
+    gateway = f"{{listen: '{listen}'}}" if listen else None
+    extra = {"gateway": gateway} if gateway else {}
+    path.write_text("providers:\n" + provider_yaml("p", "openai", f"{url}/v1", **extra) + "\n")
+    return path
+
+
+async def ask(address: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(f"http://{address}/v1/chat/completions", json={"model": "m"})
+    return str(response.json()["id"])
+
+
+async def test_a_reload_repoints_moves_and_stops_the_listener(tmp_path: Path) -> None:
+    routes_a = {"/v1/chat/completions": json_reply({**ANSWER, "id": "a"})}
+    routes_b = {"/v1/chat/completions": json_reply({**ANSWER, "id": "b"})}
+    async with StandIn(routes_a) as a, StandIn(routes_b) as b:
+        file = gateway_file(tmp_path / "c.yml", a.url, "127.0.0.1:0")
+        async with running(load_config(file), config_path=file) as served:
+            gateway = served.exporter.gateway
+            first = gateway.addresses["p"]
+            assert await ask(first) == "a"
+
+            gateway_file(file, b.url, first)  # same address, another provider url
+            await served.exporter.reload()
+            assert gateway.addresses["p"] == first
+            assert await ask(first) == "b"
+
+            moved = f"127.0.0.1:{closed_port()}"
+            gateway_file(file, b.url, moved)
+            await served.exporter.reload()
+            assert gateway.addresses["p"] == moved
+            assert await ask(moved) == "b"
+            with pytest.raises(httpx.ConnectError):
+                await ask(first)
+            scrape = await served.scrape()
+            assert scrape.value("llm_gateway_connections", provider="p") is not None
+
+            gateway_file(file, b.url, None)
+            await served.exporter.reload()
+            assert gateway.addresses == {}
+            with pytest.raises(httpx.ConnectError):
+                await ask(moved)
+            scrape = await served.scrape()
+    assert not [n for n in scrape.names() if n.startswith("llm_gateway_")]
+
+
+async def test_an_address_in_use_is_refused_with_its_key() -> None:
+    async with StandIn({}) as taken:
+        config = config_of(
+            provider_yaml(
+                "p",
+                "openai",
+                "http://127.0.0.1:1/v1",
+                gateway=f"{{listen: '127.0.0.1:{taken.port}'}}",
+            )
+        )
+        gateway = Gateway(GatewayStats())
+        try:
+            with pytest.raises(
+                ConfigError, match=r"providers\[0\]\.gateway\.listen: cannot listen"
+            ):
+                await gateway.apply(config)
+            assert gateway.addresses == {}
+        finally:
+            await gateway.aclose()
