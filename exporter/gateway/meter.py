@@ -109,13 +109,27 @@ class ModelScanner:
         self._tail = window[-self.OVERLAP :]
 
 
+# Most streamed events carry only a piece of text: they are recognised without decoding
+# them. An event that may say more (usage, timings, an error, an event type) is decoded.
+_DECODE = re.compile(rb'"(?:usage|timings|error|eval_count|prompt_eval_count|type)"')
+_CONTENT = re.compile(
+    rb'"(?:content|reasoning_content|reasoning|text|response|thinking)"\s*:\s*"(?!")'
+    rb'|"tool_calls"\s*:\s*\[\s*\{|"function_call"\s*:\s*\{\s*"'
+)
+
+
+def looks_like_content(event: bytes) -> bool:
+    """Whether an event that needs no decoding (see _DECODE) carries generated output."""
+    return _CONTENT.search(event) is not None
+
+
 def _count(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return int(value) if 0 <= value <= MAX_TOKENS else None
 
 
-def _has_content(event: dict[str, Any]) -> bool:
+def has_content(event: dict[str, Any]) -> bool:
     """Whether a streamed event carries generated output (a role-only chunk does not)."""
     choices = event.get("choices")
     if isinstance(choices, list):
@@ -233,6 +247,10 @@ class ResponseMeter:
             self._event(line, now)
 
     def _event(self, text: bytes, now: float | None) -> None:
+        if self.model is not None and _DECODE.search(text) is None:
+            if now is not None and looks_like_content(text):
+                self._content(now)
+            return
         try:
             event = json.loads(text)
         except ValueError:
@@ -244,28 +262,34 @@ class ResponseMeter:
             self.model = event["model"]
         if event.get("error"):
             self.error_in_stream = True
-        if now is not None and _has_content(event):
-            self.content_chunks += 1
-            if self.first_content_at is None:
-                self.first_content_at = now
-            self.last_content_at = now
+        if now is not None and has_content(event):
+            self._content(now)
         self._counts(event)
 
+    def _content(self, now: float) -> None:
+        self.content_chunks += 1
+        if self.first_content_at is None:
+            self.first_content_at = now
+        self.last_content_at = now
+
     def _counts(self, event: dict[str, Any]) -> None:
-        for holder in (event, event.get("response"), event.get("message")):
-            usage = holder.get("usage") if isinstance(holder, dict) else None
-            if isinstance(usage, dict):
-                _merge_usage(self._usage, usage)
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            _merge_usage(self._usage, usage)
+        for holder in (event.get("response"), event.get("message")):  # Responses, Anthropic
+            if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+                _merge_usage(self._usage, holder["usage"])
         timings = event.get("timings")
         if isinstance(timings, dict):
             for key in ("prompt_n", "cache_n", "predicted_n"):
                 count = _count(timings.get(key))
                 if count is not None:
                     self._timings[key] = count
-        for key in ("prompt_eval_count", "eval_count"):
-            count = _count(event.get(key))
-            if count is not None:
-                self._ollama[key] = count
+        if "eval_count" in event or "prompt_eval_count" in event:
+            for key in ("prompt_eval_count", "eval_count"):
+                count = _count(event.get(key))
+                if count is not None:
+                    self._ollama[key] = count
 
     def finish(self) -> Reading:
         """What the whole answer said (call once, after the last chunk)."""

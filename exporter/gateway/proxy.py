@@ -9,8 +9,9 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
@@ -60,18 +61,15 @@ HOP_BY_HOP = frozenset(
 STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
-def _forwarded(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
+def _forwarded(headers: Any) -> CIMultiDict[str]:
     """The headers to pass on: all but hop-by-hop ones and those the Connection header names."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in drop and name.lower() not in named
-    )
+    forwarded = CIMultiDict(headers)
+    for value in headers.getall("Connection", ()):
+        for name in value.split(","):
+            forwarded.popall(name.strip(), None)
+    for name in HOP_BY_HOP:
+        forwarded.popall(name, None)
+    return forwarded
 
 
 def upstream_root(provider: ProviderConfig) -> str:
@@ -99,19 +97,24 @@ def error_response(path: str, status: int, message: str) -> web.Response:
     )
 
 
-class _Trace:
-    """Whether a request went out on a pooled connection (set by the session's trace hook)."""
-
-    __slots__ = ("reused",)
-
-    def __init__(self) -> None:
-        self.reused = False
+# Set by the handler of each request, read by _PoolConnector (both run in its task).
+_reused: ContextVar[list[bool] | None] = ContextVar("reused", default=None)
 
 
-async def _note_reuse(session: Any, context: Any, params: Any) -> None:
-    trace = context.trace_request_ctx
-    if isinstance(trace, _Trace):
-        trace.reused = True
+class _PoolConnector(aiohttp.TCPConnector):
+    """A pool that notes, for the request asking, whether it got a connection used before."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        connection = await super().connect(req, traces, timeout)
+        note, protocol = _reused.get(), connection.protocol
+        if note is not None:
+            note.append(protocol in self._used)
+        self._used.add(protocol)
+        return connection
 
 
 class Proxy:
@@ -138,22 +141,21 @@ class Proxy:
     def _sessions(self) -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
         # Created on first use: a session belongs to the event loop that runs it.
         if self._session is None or self._fresh_session is None:
-            tracing = aiohttp.TraceConfig()
-            tracing.on_connection_reuseconn.append(_note_reuse)
-            self._session = self._new_session(pooled=True, tracing=[tracing])
-            self._fresh_session = self._new_session(pooled=False, tracing=[])
+            self._session = self._new_session(pooled=True)
+            self._fresh_session = self._new_session(pooled=False)
         return self._session, self._fresh_session
 
-    def _new_session(
-        self, *, pooled: bool, tracing: list[aiohttp.TraceConfig]
-    ) -> aiohttp.ClientSession:
+    def _new_session(self, *, pooled: bool) -> aiohttp.ClientSession:
         gateway = self.provider.gateway
         assert gateway is not None
-        connector = aiohttp.TCPConnector(
-            limit=gateway.max_connections,
-            force_close=not pooled,
-            keepalive_timeout=KEEPALIVE_EXPIRY if pooled else None,
-            ssl=ssl_context(self.provider),
+        options: dict[str, Any] = {
+            "limit": gateway.max_connections,
+            "ssl": ssl_context(self.provider),
+        }
+        connector = (
+            _PoolConnector(keepalive_timeout=KEEPALIVE_EXPIRY, **options)
+            if pooled
+            else aiohttp.TCPConnector(force_close=True, **options)
         )
         return aiohttp.ClientSession(
             connector=connector,
@@ -161,7 +163,6 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.provider.timeout),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            trace_configs=tracing,
             trust_env=False,
         )
 
@@ -249,6 +250,46 @@ class Proxy:
         return b"", scanner, stream()
 
 
+class _Watchdog:
+    """One timer per request that cancels its task when no progress came within limit
+    seconds of the last (cheaper than a timeout rescheduled at every chunk)."""
+
+    def __init__(self, limit: float, soonest: float) -> None:
+        """Allow limit seconds now; soonest is the shortest limit it will be changed to (the
+        first check comes then: one timer, never moved, serves every later limit)."""
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.limit = limit
+        self.last = self.loop.time()
+        self.fired = False
+        first_check = self.last + min(limit, soonest)
+        self._handle: asyncio.TimerHandle | None = self.loop.call_at(first_check, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self.limit
+        if self.loop.time() < due:
+            self._handle = self.loop.call_at(due, self._check)
+            return
+        self.fired, self._handle = True, None
+        self.task.cancel()
+
+    def change_limit(self, limit: float) -> None:
+        """From now on, allow limit seconds without progress (at least the soonest)."""
+        self.limit, self.last = limit, self.loop.time()
+
+    def uncancel(self) -> None:
+        """Take back the cancellation this watchdog caused."""
+        self.task.uncancel()
+
+    def stop(self) -> None:
+        """No more checks."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class _ClientGone(Exception):
     """The client closed its connection while its answer was being written."""
 
@@ -276,23 +317,29 @@ class _Call:
         """Send the request on and relay the answer; an error answer if there is none."""
         gateway = self.proxy.provider.gateway
         assert gateway is not None
+        watchdog = _Watchdog(gateway.first_byte_timeout, gateway.idle_timeout)
         try:
-            async with asyncio.timeout(gateway.first_byte_timeout) as deadline:
-                upstream = await self._send(body, rest)
-                if scanner is not None and not self.model and scanner.model:
-                    self.model = self.proxy.traffic.models.label(scanner.model)
-                try:
-                    await self._relay(upstream, deadline, gateway.idle_timeout)
-                except BaseException:
-                    upstream.close()  # at once: the provider stops generating for nobody
-                    raise
-                upstream.release()
+            upstream = await self._send(body, rest)
+            if scanner is not None and not self.model and scanner.model:
+                self.model = self.proxy.traffic.models.label(scanner.model)
+            watchdog.change_limit(gateway.idle_timeout)  # from the headers on: between chunks
+            try:
+                await self._relay(upstream, watchdog)
+            except BaseException:
+                upstream.close()  # at once: the provider stops generating for nobody
+                raise
+            upstream.release()
         except _ClientGone:
             self.outcome = ABANDONED
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not watchdog.fired:
+                raise
+            watchdog.uncancel()
             return self._fail(504, TIMEOUT, "gave no answer within the gateway's timeout")
         except (aiohttp.ClientError, OSError) as exc:
             return self._fail(502, UPSTREAM_FAILED, _reason(exc))
+        finally:
+            watchdog.stop()
         assert self.response is not None
         return self.response
 
@@ -303,23 +350,21 @@ class _Call:
         pooled, fresh = proxy._sessions()
         # As the client encoded it: yarl would otherwise normalise the escapes.
         url = URL(proxy.root + request.rel_url.raw_path_qs, encoded=True)
-        headers = _forwarded(request.headers, HOP_BY_HOP)
+        headers = _forwarded(request.headers)
         if rest is None:
             headers.popall("Content-Length", None)  # set again for the bytes sent
         data: Any = rest if rest is not None else (body or None)
-        trace = _Trace()
+        reused: list[bool] = []
+        token = _reused.set(reused)
         try:
             return await pooled.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                trace_request_ctx=trace,
+                request.method, url, headers=headers, data=data, allow_redirects=False
             )
         except STALE_CONNECTION_ERRORS:
-            if not trace.reused or rest is not None:
+            if reused != [True] or rest is not None:
                 raise
+        finally:
+            _reused.reset(token)
         proxy.traffic.retries += 1
         return await fresh.request(
             request.method, url, headers=headers, data=data, allow_redirects=False
@@ -342,13 +387,11 @@ class _Call:
         message = f"llm-exporter gateway: provider {provider} {reason}"
         return error_response(self.request.path, status, message)
 
-    async def _relay(
-        self, upstream: aiohttp.ClientResponse, deadline: asyncio.Timeout, idle_timeout: float
-    ) -> None:
+    async def _relay(self, upstream: aiohttp.ClientResponse, watchdog: _Watchdog) -> None:
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
-            headers=_forwarded(upstream.headers, HOP_BY_HOP),
+            headers=_forwarded(upstream.headers),
         )
         meter = None
         if self.operation in METERED and 200 <= upstream.status < 300:
@@ -361,9 +404,9 @@ class _Call:
         except ConnectionError:
             raise _ClientGone from None
         self.response, self.code = response, status_class(upstream.status)
-        loop, clock, content = asyncio.get_running_loop(), self.proxy._clock, upstream.content
+        clock, content, now = self.proxy._clock, upstream.content, watchdog.loop.time
         while True:
-            deadline.reschedule(loop.time() + idle_timeout)
+            watchdog.last = now()
             chunk = await content.readany()
             if not chunk:
                 break
@@ -373,7 +416,7 @@ class _Call:
                 raise _ClientGone from None
             if meter is not None and meter.format is not None:
                 meter.feed(chunk, clock())
-        deadline.reschedule(None)
+        watchdog.stop()
         if meter is not None:
             self.reading = meter.finish()
             if self.reading.error_in_stream:
@@ -389,16 +432,11 @@ class _Call:
         model = self.model
         if not model and reading is not None and reading.model:
             model = traffic.models.label(reading.model)
-        measured = Measurement(
-            model=model,
-            operation=self.operation,
-            code=self.code,
-            outcome=self.outcome,
-            client=self.client,
-            duration=now - self.started,
-        )
+        duration = now - self.started
         if reading is None:
-            return measured
+            return Measurement(
+                model, self.operation, self.code, self.outcome, self.client, duration
+            )
         if reading.unmetered is not None:
             traffic.count_unmetered(reading.unmetered)
         usage = reading.usage or Usage()
@@ -409,8 +447,13 @@ class _Call:
         per_token = None
         if first is not None and last is not None and output and output > 1 and last > first:
             per_token = (last - first) / (output - 1)
-        return replace(
-            measured,
+        return Measurement(
+            model,
+            self.operation,
+            self.code,
+            self.outcome,
+            self.client,
+            duration,
             time_to_first_token=None if first is None else first - self.started,
             time_per_output_token=per_token,
             input_tokens=usage.input_tokens,

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,8 @@ from exporter.gateway.meter import (
     Reading,
     ResponseMeter,
     Usage,
+    has_content,
+    looks_like_content,
     model_in,
     operation_of,
 )
@@ -243,3 +246,33 @@ def test_model_of_request_bodies() -> None:
     for start in range(0, len(body), 7):
         scanner.feed(body[start : start + 7])
     assert scanner.model == "big-one"
+
+
+# Streamed events as servers send them: content or not, decoded or recognised by pattern.
+EVENTS = [
+    chunk(role="assistant", content=""),
+    chunk(role="assistant"),
+    chunk(" Hello"),
+    chunk('He said "content": "x"'),
+    chunk("\n"),
+    {"choices": [{"delta": {"content": None}}]},
+    {"choices": [{"delta": {"reasoning_content": "hmm"}}]},
+    {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]},
+    {"choices": [{"delta": {"tool_calls": []}}]},
+    {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+    {"choices": [{"text": " once", "index": 0}]},
+    {"choices": [{"text": "", "index": 0}]},
+    {"model": "m", "message": {"role": "assistant", "content": "The"}, "done": False},
+    {"model": "m", "message": {"role": "assistant", "content": ""}, "done": False},
+    {"model": "m", "message": {"role": "assistant", "content": "", "thinking": "so"}},
+    {"model": "m", "response": "Hi", "done": False},
+    {"model": "m", "response": "", "done": False},
+    {"content": " the", "stop": False, "id_slot": 0},  # llama.cpp's /completion
+    {"content": "", "stop": False},
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=range(len(EVENTS)))
+def test_events_recognised_without_decoding_agree_with_decoding(event: dict[str, object]) -> None:
+    for text in (json.dumps(event), json.dumps(event, separators=(",", ":"))):
+        assert looks_like_content(text.encode()) == has_content(event), text
