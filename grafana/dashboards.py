@@ -7,6 +7,11 @@ Every panel query is a plain PromQL string in `targets[].expr` over the raw metr
 docs/metrics.md (no recording rules), filtered by the `$provider` and `$model` variables
 where the series carries those labels, with `$__rate_interval` in every range function.
 `panel_queries()` and `variable_queries()` list them for the tests that run them.
+
+Numbers that several sources fill (time to first token, request duration, tokens per
+second, running requests) take, per provider and model, the provider's own series, else
+the measuring gateway's, else the probes', with a `source` label saying which: the choice
+of the llm-best-source recording rules, written out so that a dashboard needs no rules.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "dashboards"
 
 TAG = "llm"
-UIDS = ("llm-overview", "llm-performance", "llm-resources", "llm-models")
+UIDS = ("llm-overview", "llm-performance", "llm-traffic", "llm-resources", "llm-models")
 
 DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
@@ -55,6 +60,13 @@ UP_DOWN = ((1, "up"), (0, "down"))
 LOADED = ((1, "loaded"), (0, "on disk"))
 # Grafana has no token unit; a custom suffix shows "42.1 tokens/s".
 TOKENS_PER_SECOND = "suffix:tokens/s"
+# The gateway's requests that failed: the client got a 5xx, or the provider broke off its
+# answer or gave none in time. Each a selector of llm_gateway_requests_total; a series
+# that is both (a 504 timeout) is counted once by `or`. Abandoned requests are left out.
+GATEWAY_FAILED = ('outcome!="abandoned", code="5xx"', 'outcome=~"upstream_failed|timeout"')
+GATEWAY_ANSWERED = 'outcome!="abandoned"'
+# Clients the gateway could not name (no client_header, no client_keys) have client="".
+UNATTRIBUTED = "(unattributed)"
 
 
 # --- thresholds ----------------------------------------------------------------------------
@@ -81,6 +93,7 @@ LEVELS: dict[str, Level] = {
     "p95 probe latency": Level("LLMProbeLatencyHigh", 10.0, "probe_duration", 30.0),
     "Exporter error ratio": Level("LLMProviderErrorRatioHigh", 0.10),
     "Host memory used": Level("LLMHostMemoryHigh", 0.90, "memory_ratio", 0.97),
+    "Gateway error ratio": Level("LLMGatewayErrorRatioHigh", 0.05),
 }
 
 
@@ -111,18 +124,70 @@ def heatmap_query(expr: str) -> prometheus.Dataquery:
     return query(expr, "{{le}}").format(PromQueryFormat.HEATMAP)
 
 
-def quantile(q: float, metric: str, by: str = "provider, model") -> str:
-    """histogram_quantile over a histogram's buckets, filtered by provider and model."""
+def quantile(q: float, metric: str, by: str = "provider, model", matchers: str = "") -> str:
+    """histogram_quantile over a histogram's buckets, filtered by provider and model (and matchers)."""
     labels = f"{by}, le" if by else "le"
-    return f"histogram_quantile({q}, sum by ({labels}) (rate({metric}_bucket{{{PM}}}[{RATE}])))"
+    selector = f"{PM}, {matchers}" if matchers else PM
+    return (
+        f"histogram_quantile({q}, sum by ({labels}) (rate({metric}_bucket{{{selector}}}[{RATE}])))"
+    )
 
 
-def quantiles(metric: str, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list[prometheus.Dataquery]:
+def quantiles(
+    metric: str, qs: tuple[float, ...] = (0.5, 0.95, 0.99), matchers: str = ""
+) -> list[prometheus.Dataquery]:
     """One target per quantile, per provider and model."""
     return [
-        query(quantile(q, metric), f"p{round(q * 100)} {{{{provider}}}}/{{{{model}}}}", ref=ref)
+        query(
+            quantile(q, metric, matchers=matchers),
+            f"p{round(q * 100)} {{{{provider}}}}/{{{{model}}}}",
+            ref=ref,
+        )
         for q, ref in zip(qs, "ABCDEFGH", strict=False)
     ]
+
+
+def best_of(*sources: tuple[str, str], on: str = "") -> str:
+    """The first source that has a series for a provider and model, as the llm-best-source
+    recording rules choose: each (source, expr) labelled source="...", joined by `or`.
+
+    `or` keeps the left-hand series and adds a right-hand one only where the left has none
+    with the same labels, `source` ignored; with `on`, only where it has none with the same
+    values of those labels (on="provider": one source for the whole provider).
+    """
+    join = f" or on ({on}) " if on else " or ignoring (source) "
+    return join.join(f'label_replace({expr}, "source", "{name}", "", "")' for name, expr in sources)
+
+
+def best_quantile(
+    q: float, provider: str, gateway: str, probe: str, gateway_matchers: str = ""
+) -> str:
+    """A quantile per provider and model from the provider's histogram, else the gateway's,
+    else the probes'; a source without observations in the window (NaN) gives way."""
+    return best_of(
+        ("provider", f"{quantile(q, provider)} >= 0"),
+        ("gateway", f"{quantile(q, gateway, matchers=gateway_matchers)} >= 0"),
+        ("probe", f"{quantile(q, probe)} >= 0"),
+    )
+
+
+def gateway_failed(by: str) -> str:
+    """Failed requests per second through the gateway, summed by `by` (GATEWAY_FAILED)."""
+    either = " or ".join(
+        f"rate(llm_gateway_requests_total{{{PM}, {matchers}}}[{RATE}])"
+        for matchers in GATEWAY_FAILED
+    )
+    return f"sum by ({by}) ({either})" if by else f"sum({either})"
+
+
+def share(part: str, whole: str) -> str:
+    """part / whole, two aggregations by the same labels: 0, not missing, where part has none."""
+    return f"({part} or {whole} * 0) / {whole}"
+
+
+def unattributed(expr: str) -> str:
+    """expr with client="" (requests the gateway could not attribute) named UNATTRIBUTED."""
+    return f'label_replace({expr}, "client", "{UNATTRIBUTED}", "client", "")'
 
 
 # --- panels --------------------------------------------------------------------------------
@@ -424,24 +489,45 @@ def overview() -> builders.Dashboard:
         ],
         w=3,
     ).thresholds(thresholds(RED, (1, GREEN)))
-    # Ollama reports no token counters: for a provider without them, the generation speed
-    # of its last probes (averaged over its models) stands in.
-    generated = f'llm_tokens_total{{{PM}, type="output"}}'
+    # Ollama reports no token counters: for a provider without them, the tokens its
+    # gateway counted, else the generation speed of its last probes (averaged over its models).
     tokens = stat_panel(
         "Output tokens/s",
-        "Tokens the providers generated per second (llama.cpp and vLLM count them). For a "
-        "provider that counts none (Ollama), the speed of its last synthetic probes stands in: "
-        "what one request gets, not its throughput.",
+        "Tokens the providers generated per second, as they count them (llama.cpp, vLLM). For a "
+        "provider that counts none (Ollama), the tokens of the requests through its gateway; "
+        "without a gateway, the speed of its last synthetic probes stands in: what one request "
+        "gets, not its throughput.",
         TOKENS_PER_SECOND,
         [
             query(
-                f"sum(sum by (provider) (rate({generated}[{RATE}]))"
-                f" or (avg by (provider) (llm_probe_tokens_per_second{{{PM}}})"
-                f" unless on (provider) {generated}))",
+                f'sum(sum by (provider) (rate(llm_tokens_total{{{PM}, type="output"}}[{RATE}]))'
+                f' or sum by (provider) (rate(llm_gateway_tokens_total{{{PM}, type="output"}}[{RATE}]))'
+                f" or avg by (provider) (llm_probe_tokens_per_second{{{PM}}}))",
                 "output tokens/s",
             )
         ],
-        w=4,
+        w=3,
+    ).color_mode(common.BigValueColorMode.NONE)
+    first_token = stat_panel(
+        "p95 time to first token",
+        "The slowest selected model's 95th percentile time to first token: as the provider "
+        "measures it (vLLM), else of the requests through its gateway, else of its synthetic "
+        "probes (the LLM Performance dashboard shows each model and its source).",
+        "s",
+        [
+            query(
+                "max("
+                + best_quantile(
+                    0.95,
+                    "llm_time_to_first_token_seconds",
+                    "llm_gateway_time_to_first_token_seconds",
+                    "llm_probe_time_to_first_token_seconds",
+                )
+                + ")",
+                "p95",
+            )
+        ],
+        w=3,
     ).color_mode(common.BigValueColorMode.NONE)
     latency = stat_panel(
         "p95 probe latency",
@@ -467,13 +553,19 @@ def overview() -> builders.Dashboard:
     ).thresholds(alert_thresholds("Exporter error ratio"))
     queue = stat_panel(
         "Requests running / waiting",
-        "Requests the providers are processing now, and those queued (llama.cpp and vLLM).",
+        "Requests the providers are processing now (as llama.cpp and vLLM count them, else the "
+        "requests in flight through a provider's gateway), and those queued (llama.cpp and vLLM).",
         "short",
         [
-            query(f"sum(llm_requests_running{{{PM}}})", "running", ref="A"),
+            query(
+                f"sum(sum by (provider) (llm_requests_running{{{PM}}})"
+                f" or sum by (provider) (llm_gateway_requests_in_flight{{{PM}}}))",
+                "running",
+                ref="A",
+            ),
             query(f"sum(llm_requests_waiting{{{PM}}})", "waiting", ref="B"),
         ],
-        w=4,
+        w=3,
     ).color_mode(common.BigValueColorMode.NONE)
     memory = stat_panel(
         "Host memory used",
@@ -481,7 +573,7 @@ def overview() -> builders.Dashboard:
         "fires, red where /health calls it unhealthy.",
         "percentunit",
         [query("llm_host_memory_used_bytes / llm_host_memory_total_bytes", "{{instance}}")],
-        w=4,
+        w=3,
     ).thresholds(alert_thresholds("Host memory used"))
     providers = merge_table(
         "Providers",
@@ -514,6 +606,7 @@ def overview() -> builders.Dashboard:
         .with_panel(health)
         .with_panel(up)
         .with_panel(tokens)
+        .with_panel(first_token)
         .with_panel(latency)
         .with_panel(errors)
         .with_panel(queue)
@@ -578,33 +671,74 @@ def performance() -> builders.Dashboard:
                 [query(f"llm_probe_tokens_per_second{{{PM}}}", per_model)],
             )
         )
-        .with_row(row("Server-side latency (vLLM)"))
+        .with_row(row("Serving latency: the provider's own, else the gateway's, else the probes'"))
         .with_panel(
             series_panel(
-                "Server time to first token",
-                "Percentiles of the time to first token of the provider's own requests, as vLLM measured it.",
+                "Time to first token",
+                "Percentiles of the time to first token per model, from the best source it has "
+                "(in the legend): the provider's own requests as vLLM measures them, else the "
+                "streamed requests through the provider's gateway, else the synthetic probes. A "
+                "source without requests in the interval gives way to the next.",
                 "s",
-                quantiles("llm_time_to_first_token_seconds"),
+                [
+                    query(
+                        best_quantile(
+                            q,
+                            "llm_time_to_first_token_seconds",
+                            "llm_gateway_time_to_first_token_seconds",
+                            "llm_probe_time_to_first_token_seconds",
+                        ),
+                        f"p{round(q * 100)} {per_model} ({{{{source}}}})",
+                        ref=ref,
+                    )
+                    for q, ref in ((0.5, "A"), (0.95, "B"))
+                ],
             )
         )
         .with_panel(
             series_panel(
-                "Server request duration",
-                "Percentiles of the end-to-end duration of the provider's own requests, as vLLM measured it.",
+                "Request duration",
+                "Percentiles of the end-to-end duration of requests per model, from the best "
+                "source it has (in the legend): the provider's own requests (vLLM), else the "
+                "requests through its gateway (model listings left out), else the synthetic probes.",
                 "s",
-                quantiles("llm_request_duration_seconds"),
+                [
+                    query(
+                        best_quantile(
+                            q,
+                            "llm_request_duration_seconds",
+                            "llm_gateway_request_duration_seconds",
+                            "llm_probe_duration_seconds",
+                            gateway_matchers='operation!="other"',
+                        ),
+                        f"p{round(q * 100)} {per_model} ({{{{source}}}})",
+                        ref=ref,
+                    )
+                    for q, ref in ((0.5, "A"), (0.95, "B"))
+                ],
             )
         )
         .with_row(row("Throughput and load"))
         .with_panel(
             series_panel(
                 "Tokens/s by type",
-                "Tokens the providers processed per second: input (prompt tokens evaluated) and output (generated).",
+                "Tokens processed per second: input (prompt tokens) and output (generated), as the "
+                "provider counts them (llama.cpp, vLLM), else as its gateway counted them (source "
+                "in the legend).",
                 TOKENS_PER_SECOND,
                 [
                     query(
-                        f"sum by (provider, model, type) (rate(llm_tokens_total{{{PM}}}[{RATE}]))",
-                        f"{per_model} {{{{type}}}}",
+                        best_of(
+                            (
+                                "provider",
+                                f"sum by (provider, model, type) (rate(llm_tokens_total{{{PM}}}[{RATE}]))",
+                            ),
+                            (
+                                "gateway",
+                                f"sum by (provider, model, type) (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))",
+                            ),
+                        ),
+                        f"{per_model} {{{{type}}}} ({{{{source}}}})",
                     )
                 ],
             )
@@ -612,12 +746,24 @@ def performance() -> builders.Dashboard:
         .with_panel(
             series_panel(
                 "Requests running vs waiting",
-                "Requests the providers are processing and those queued, per model.",
+                "Requests the providers are processing and those queued, per model. Running: as "
+                "the provider counts them (llama.cpp, vLLM), else the requests in flight through "
+                "its gateway (source in the legend); waiting: llama.cpp and vLLM.",
                 "short",
                 [
                     query(
-                        f"sum by (provider, model) (llm_requests_running{{{PM}}})",
-                        f"running {per_model}",
+                        best_of(
+                            (
+                                "provider",
+                                f"sum by (provider, model) (llm_requests_running{{{PM}}})",
+                            ),
+                            (
+                                "gateway",
+                                f"sum by (provider, model) (llm_gateway_requests_in_flight{{{PM}}})",
+                            ),
+                            on="provider",
+                        ),
+                        f"running {per_model} ({{{{source}}}})",
                         ref="A",
                     ),
                     query(
@@ -654,6 +800,338 @@ def performance() -> builders.Dashboard:
                         f" / sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
                         "{{provider}}",
                     )
+                ],
+            )
+        )
+    )
+
+
+def traffic() -> builders.Dashboard:
+    """LLM Traffic: the real requests through the measuring gateway, per model and client."""
+    per_model = "{{provider}}/{{model}}"
+    requests = f"llm_gateway_requests_total{{{PM}}}"
+    answered = f"llm_gateway_requests_total{{{PM}, {GATEWAY_ANSWERED}}}"
+    stats = [
+        stat_panel(
+            "Gateway requests/s",
+            "Requests per second clients sent through the gateways of the selected providers.",
+            "reqps",
+            [query(f"sum(rate({requests}[{RATE}]))", "requests/s")],
+            w=4,
+        ).color_mode(common.BigValueColorMode.NONE),
+        stat_panel(
+            "Gateway error ratio",
+            "Share of the requests through the gateways that failed: the client got a 5xx, or "
+            "the provider broke off its answer or gave none in time. Abandoned requests are "
+            "left out, 4xx are the clients' own. Orange where LLMGatewayErrorRatioHigh fires.",
+            "percentunit",
+            [
+                query(
+                    f"({gateway_failed('')} or vector(0)) / sum(rate({answered}[{RATE}]))",
+                    "failed",
+                )
+            ],
+            w=4,
+        ).thresholds(alert_thresholds("Gateway error ratio")),
+        stat_panel(
+            "Gateway p95 time to first token",
+            "95th percentile time to first token of the streamed requests through the gateways, "
+            "over every selected model.",
+            "s",
+            [query(quantile(0.95, "llm_gateway_time_to_first_token_seconds", by=""), "p95")],
+            w=4,
+        ).color_mode(common.BigValueColorMode.NONE),
+        stat_panel(
+            "Gateway requests in flight",
+            "Requests through the gateways that have not finished.",
+            "short",
+            [query(f"sum(llm_gateway_requests_in_flight{{{PM}}})", "in flight")],
+            w=4,
+        ).color_mode(common.BigValueColorMode.NONE),
+        stat_panel(
+            "Gateway output tokens/s",
+            "Tokens generated per second for the requests through the gateways.",
+            TOKENS_PER_SECOND,
+            [
+                query(
+                    f'sum(rate(llm_gateway_tokens_total{{{PM}, type="output"}}[{RATE}]))',
+                    "output tokens/s",
+                )
+            ],
+            w=4,
+        ).color_mode(common.BigValueColorMode.NONE),
+        stat_panel(
+            "Gateway client connections",
+            "Client connections open to the gateways of the selected providers.",
+            "short",
+            [query(f"sum(llm_gateway_connections{{{P}}})", "connections")],
+            w=4,
+        ).color_mode(common.BigValueColorMode.NONE),
+    ]
+    dashboard = base(
+        "llm-traffic",
+        "LLM Traffic",
+        "The real requests clients send through llm-exporter's measuring gateway: rates, "
+        "failures, latency, time to first token and tokens, per model and per client.",
+    )
+    for stat_builder in stats:
+        dashboard = dashboard.with_panel(stat_builder)
+    return (
+        dashboard.with_row(row("Requests"))
+        .with_panel(
+            series_panel(
+                "Requests/s by model and status",
+                "Requests per second through the gateway, by the status class the client got "
+                "(none: the client got no answer).",
+                "reqps",
+                [
+                    query(
+                        f"sum by (provider, model, code) (rate({requests}[{RATE}]))",
+                        f"{per_model} {{{{code}}}}",
+                    )
+                ],
+                stacked=True,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Requests/s by outcome",
+                "How requests ended: complete (the provider's whole answer reached the client, "
+                "whatever its status), abandoned (the client went away first), upstream_failed "
+                "(the provider refused, reset or broke off its answer), timeout (no first byte, "
+                "or no next chunk, within the gateway's timeouts).",
+                "reqps",
+                [
+                    query(
+                        f"sum by (provider, model, outcome) (rate({requests}[{RATE}]))",
+                        f"{per_model} {{{{outcome}}}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Failed and abandoned requests",
+                "Per model, the share of requests that failed (as in the error ratio: 5xx, "
+                "upstream_failed or timeout, of those not abandoned) and the share the clients "
+                "abandoned (of all).",
+                "percentunit",
+                [
+                    query(
+                        share(
+                            gateway_failed("provider, model"),
+                            f"sum by (provider, model) (rate({answered}[{RATE}]))",
+                        ),
+                        f"failed {per_model}",
+                        ref="A",
+                    ),
+                    query(
+                        share(
+                            f'sum by (provider, model) (rate(llm_gateway_requests_total{{{PM}, outcome="abandoned"}}[{RATE}]))',
+                            f"sum by (provider, model) (rate({requests}[{RATE}]))",
+                        ),
+                        f"abandoned {per_model}",
+                        ref="B",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Requests/s by client",
+                "Requests per second by client, as gateway.client_header or gateway.client_keys "
+                f"name them; {UNATTRIBUTED}: requests neither names.",
+                "reqps",
+                [
+                    query(
+                        unattributed(
+                            f"sum by (provider, client, outcome) (rate({requests}[{RATE}]))"
+                        ),
+                        "{{provider}} {{client}} {{outcome}}",
+                    )
+                ],
+                stacked=True,
+            )
+        )
+        .with_row(row("Latency"))
+        .with_panel(
+            series_panel(
+                "Time to first token",
+                "Percentiles of the time from a streamed request's arrival at the gateway to the "
+                "first chunk carrying generated output: what users wait before text appears.",
+                "s",
+                quantiles("llm_gateway_time_to_first_token_seconds"),
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Request duration",
+                "Percentiles of the duration of requests through the gateway, from arrival to "
+                "the answer's last byte (model listings and other requests left out).",
+                "s",
+                quantiles("llm_gateway_request_duration_seconds", matchers='operation!="other"'),
+            )
+        )
+        .with_panel(
+            heatmap_panel(
+                "Time to first token heatmap",
+                "Distribution of the time to first token of the streamed requests through the gateway.",
+                f"sum by (le) (increase(llm_gateway_time_to_first_token_seconds_bucket{{{PM}}}[{RATE}]))",
+            )
+        )
+        .with_panel(
+            heatmap_panel(
+                "Request duration heatmap",
+                "Distribution of the duration of the requests through the gateway (model listings and "
+                "other requests left out).",
+                "sum by (le) (increase(llm_gateway_request_duration_seconds_bucket"
+                f'{{{PM}, operation!="other"}}[{RATE}]))',
+            )
+        )
+        .with_row(row("Tokens"))
+        .with_panel(
+            series_panel(
+                "Tokens/s in and out",
+                "Tokens per second of the requests through the gateway: input (every prompt "
+                "token, cached or not) and output (generated).",
+                TOKENS_PER_SECOND,
+                [
+                    query(
+                        f"sum by (provider, model, type) (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))",
+                        f"{per_model} {{{{type}}}}",
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Tokens/s by client",
+                f"Tokens per second by client and type; {UNATTRIBUTED}: requests no client_header "
+                "or client_keys names.",
+                TOKENS_PER_SECOND,
+                [
+                    query(
+                        unattributed(
+                            "sum by (provider, client, type)"
+                            f" (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))"
+                        ),
+                        "{{provider}} {{client}} {{type}}",
+                    )
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Time per output token",
+                "Percentiles of the time per generated token after the first, in streamed "
+                "requests through the gateway (1 / this is the speed a request gets).",
+                "s",
+                quantiles("llm_gateway_time_per_output_token_seconds", (0.5, 0.95)),
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Prompt tokens from the cache",
+                "Share of the input tokens of requests through the gateway that the provider "
+                "reused from its cache instead of evaluating.",
+                "percentunit",
+                [
+                    query(
+                        share(
+                            "sum by (provider, model)"
+                            f" (rate(llm_gateway_input_tokens_cached_total{{{PM}}}[{RATE}]))",
+                            "sum by (provider, model)"
+                            f' (rate(llm_gateway_tokens_total{{{PM}, type="input"}}[{RATE}]))',
+                        ),
+                        per_model,
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Output tokens counted from chunks",
+                "Share of the output tokens the gateway counted from the chunks of streams "
+                "without usage (one chunk, one token: an estimate) rather than from the "
+                "provider's own count. Clients can ask for usage (OpenAI: "
+                "stream_options.include_usage).",
+                "percentunit",
+                [
+                    query(
+                        share(
+                            "sum by (provider, model) (rate(llm_gateway_tokens_total"
+                            f'{{{PM}, type="output", source="stream_chunks"}}[{RATE}]))',
+                            "sum by (provider, model)"
+                            f' (rate(llm_gateway_tokens_total{{{PM}, type="output"}}[{RATE}]))',
+                        ),
+                        per_model,
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Retries and unmetered answers",
+                "Requests the gateway sent again on a new connection because the provider had "
+                "closed the pooled one (the client saw nothing), and answers relayed whose usage "
+                "could not be read, by reason (too_large, encoding, invalid_json; 0 while none).",
+                "reqps",
+                [
+                    query(
+                        f"sum by (provider) (rate(llm_gateway_upstream_retries_total{{{P}}}[{RATE}]))",
+                        "retries {{provider}}",
+                        ref="A",
+                    ),
+                    query(
+                        "sum by (provider, reason)"
+                        f" (rate(llm_gateway_unmetered_responses_total{{{P}}}[{RATE}]))"
+                        " or on (provider) sum by (provider)"
+                        f" (rate(llm_gateway_upstream_retries_total{{{P}}}[{RATE}])) * 0",
+                        "unmetered {{provider}} {{reason}}",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+            )
+        )
+        .with_row(row("Load"))
+        .with_panel(
+            series_panel(
+                "Requests in flight",
+                "Requests through the gateway that have not finished, per model.",
+                "short",
+                [
+                    query(
+                        f"sum by (provider, model) (llm_gateway_requests_in_flight{{{PM}}})",
+                        per_model,
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Client connections",
+                "Client connections open to each gateway, and those it closed in the interval "
+                "because gateway.max_connections were open.",
+                "short",
+                [
+                    query(
+                        f"sum by (provider) (llm_gateway_connections{{{P}}})",
+                        "open {{provider}}",
+                        ref="A",
+                    ),
+                    query(
+                        "sum by (provider)"
+                        f" (increase(llm_gateway_connections_closed_total{{{P}}}[{RATE}]))",
+                        "closed at max_connections {{provider}}",
+                        ref="B",
+                    ),
                 ],
             )
         )
@@ -932,7 +1410,7 @@ def _number_panels(dashboard: dict[str, Any]) -> None:
 def build_dashboards() -> dict[str, dict[str, Any]]:
     """Every dashboard as JSON-ready dicts, by uid."""
     built = {}
-    for builder in (overview(), performance(), resources(), models_dashboard()):
+    for builder in (overview(), performance(), traffic(), resources(), models_dashboard()):
         dashboard: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
         _number_panels(dashboard)
         built[dashboard["uid"]] = dashboard

@@ -1,8 +1,9 @@
 """The monitoring bundle end to end: real Prometheus and Alertmanager, the exporter, llama.cpp.
 
 One module-scoped stack: llama.cpp's own server, stand-ins for what cannot run here
-(Ollama, a recorded vLLM, an OpenAI-compatible API, a GPU), the exporter scraping them,
-Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is 2 s),
+(Ollama, a recorded vLLM, an OpenAI-compatible API, a GPU), the exporter scraping them
+with a measuring gateway in front of llama.cpp and Ollama (some real requests go through
+it), Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is 2 s),
 and Alertmanager with the bundle's routing, every receiver pointed at a webhook here.
 """
 
@@ -44,6 +45,7 @@ PROMETHEUS_DIR = ROOT / "prometheus"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 JOB = "llm-exporter"
 T = TypeVar("T")
+OLLAMA_MODEL = "mistral:latest"  # loaded, in the Ollama stand-in's /api/ps
 
 
 class Loop:
@@ -174,7 +176,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         llama.start()
         assert llama.pid is not None
 
-        async def bring_up() -> tuple[int, int]:
+        async def bring_up() -> tuple[int, int, dict[str, str]]:
             nonlocal exporter
             chat = ollama_chat(
                 ("The", " sky", "."), first_load_ns=3_000_000_000, later_load_ns=4_000_000
@@ -188,9 +190,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 standins.append(await StandIn(routes).start())
             ollama, vllm, api = standins
             probes = "{interval: 1s, jitter: 0, timeout: 1s, max_tokens: 8}"
+            gateway = "{listen: '127.0.0.1:0', client_header: X-Client}"
             config = config_of(
-                provider_yaml("local", "llamacpp", llama.url, probes=probes, process=f"{{port: {llama.port}}}"),
-                provider_yaml("ollama", "ollama", ollama.url, probes=probes),
+                provider_yaml("local", "llamacpp", llama.url, probes=probes, process=f"{{port: {llama.port}}}", gateway=gateway),
+                provider_yaml("ollama", "ollama", ollama.url, probes=probes, gateway=gateway),
                 provider_yaml("vllm", "vllm", vllm.url),
                 provider_yaml("api", "openai", f"{api.url}/v1", probes="{interval: 1s, jitter: 0, timeout: 1s, models: [gpt-4o-mini]}"),
                 provider_yaml("gone", "ollama", f"http://127.0.0.1:{closed_port()}", timeout="1s"),
@@ -207,9 +210,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             hook.router.add_post("/", receive)
             hook_runner, hook_port = await serve(hook)
             runners.append(hook_runner)
-            return port, hook_port
+            assert exporter is not None
+            return port, hook_port, exporter.gateway.addresses
 
-        exporter_port, hook_port = loop.run(bring_up())
+        exporter_port, hook_port, gateways = loop.run(bring_up())
         am_port, prom_port = free_port(), free_port()
         rules = work / "rules"
         rules.mkdir()
@@ -261,6 +265,36 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 timeout=30,
             ).raise_for_status()
         wait_for(lambda: len(result.query("llm_provider_up")) == 5, "the first scrape", 40)
+        # Real requests through the gateways: llama.cpp streamed (with usage, from a named
+        # client) and not, Ollama's streamed /api/chat. Ollama counts nothing itself, so its
+        # tokens and time to first token come from its gateway only. A gateway series is born
+        # with its first request, which a rate therefore never sees: a first round, scraped,
+        # then the round the rate windows hold.
+        hi = [{"role": "user", "content": "Hi"}]
+        chat = {"model": llama.alias, "messages": hi, "max_tokens": 8}
+        streamed = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+
+        def through_the_gateways() -> None:
+            for body, headers in ((streamed, {"X-Client": "bundle"}), (streamed, {}), (chat, {})):
+                httpx.post(
+                    f"http://{gateways['local']}/v1/chat/completions",
+                    json=body,
+                    headers=headers,
+                    timeout=30,
+                ).raise_for_status()
+            httpx.post(
+                f"http://{gateways['ollama']}/api/chat",
+                json={"model": OLLAMA_MODEL, "messages": hi},
+                timeout=30,
+            ).raise_for_status()
+
+        through_the_gateways()
+        wait_for(
+            lambda: len(result.query("llm_gateway_time_to_first_token_seconds_count")) == 2,
+            "the gateways' first requests scraped",
+            30,
+        )
+        through_the_gateways()
         wait_for(
             lambda: result.query(f"count_over_time(llm_provider_up{{provider='local'}}[{WINDOW}])")
             and float(result.query(f"count_over_time(llm_provider_up{{provider='local'}}[{WINDOW}])")[0]["value"][1]) >= 12,
@@ -437,19 +471,51 @@ def test_a_provider_down_fires_only_provider_down(stack: Stack) -> None:
     assert stack.query(health), "the connection verdict is degraded meanwhile"
 
 
-def test_output_tokens_fall_back_to_the_probes(stack: Stack) -> None:
-    """The Overview's tokens/s: counters where a provider has them, else its probes' speed."""
+def test_output_tokens_take_the_counters_else_the_gateway_else_the_probes(stack: Stack) -> None:
+    """The Overview's tokens/s: the provider's counters where it has them, else its
+    gateway's, else its probes' speed."""
     (expr,) = [e for d, p, e in dashboard_queries() if p == "Output tokens/s"]
     assert expr.startswith("sum(") and expr.endswith(")")
     per_provider = stack.query(substitute(expr[len("sum(") : -1]))
     providers = {series["metric"].get("provider") for series in per_provider}
-    counted = stack.query(substitute('count by (provider) (llm_tokens_total{type="output"})'))
-    probed = stack.query(substitute("count by (provider) (llm_probe_tokens_per_second)"))
-    with_counters = {series["metric"]["provider"] for series in counted}
-    without = {series["metric"]["provider"] for series in probed} - with_counters
-    assert "ollama" in without, "Ollama counts no tokens; its probes measure the speed"
-    assert with_counters and without
-    assert providers == with_counters | without
+
+    def having(selector: str) -> set[str]:
+        found = stack.query(substitute(f"count by (provider) ({selector})"))
+        return {series["metric"]["provider"] for series in found}
+
+    counted = having('llm_tokens_total{type="output"}')
+    gatewayed = having('llm_gateway_tokens_total{type="output"}') - counted
+    probed = having("llm_probe_tokens_per_second") - counted - gatewayed
+    assert "local" in counted, "llama.cpp counts its tokens; its gateway's are not needed"
+    assert "ollama" in gatewayed, "Ollama counts no tokens; its gateway does"
+    assert "api" in probed, "the OpenAI-compatible API has neither: its probes measure the speed"
+    assert providers == counted | gatewayed | probed
+
+
+def test_the_best_source_rules_pick_one_source_per_provider(stack: Stack) -> None:
+    """The llm-best-source rules in a real Prometheus: the provider's own numbers, else the
+    gateway's (Ollama, and llama.cpp's time to first token), else the probes'."""
+
+    def sources(record: str) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for series in stack.query(record):
+            labels = series["metric"]
+            found.setdefault(labels["provider"], set()).add(labels["source"])
+        return found
+
+    def recorded() -> tuple[dict[str, set[str]], dict[str, set[str]]] | None:
+        tokens = sources("provider_model:llm_serving_output_tokens:rate5m")
+        first = sources("provider_model:llm_serving_time_to_first_token_seconds:p95_rate5m")
+        return (tokens, first) if {"local", "ollama", "api"} <= set(first) else None
+
+    tokens, first_token = wait_for(recorded, "the best-source series", 30)
+    assert tokens["local"] == tokens["vllm"] == {"provider"}
+    assert tokens["ollama"] == {"gateway"}
+    assert tokens["api"] == {"probe"}
+    # llama.cpp measures no time to first token; the recorded vLLM's histograms do not move.
+    assert first_token["local"] == first_token["ollama"] == {"gateway"}
+    assert first_token["api"] == {"probe"}
+    assert "vllm" not in first_token
 
 
 def test_provider_down_alert_reaches_the_webhook(stack: Stack) -> None:

@@ -139,6 +139,7 @@ def test_uids_titles_and_file_names_are_stable() -> None:
     assert titles == {
         "llm-overview": "LLM Overview",
         "llm-performance": "LLM Performance",
+        "llm-traffic": "LLM Traffic",
         "llm-resources": "LLM Resources",
         "llm-models": "LLM Models",
     }
@@ -195,7 +196,7 @@ def test_panel_ids_are_unique_and_panels_fit_the_grid(uid: str) -> None:
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel.get("title")
 
 
-def test_each_dashboard_links_to_the_other_three() -> None:
+def test_each_dashboard_links_to_the_others() -> None:
     tagged = {uid for uid, d in DASHBOARDS.items() if "llm" in d["tags"]}
     assert tagged == set(generator.UIDS)
     for uid, dashboard in DASHBOARDS.items():
@@ -273,7 +274,7 @@ def test_the_levels_are_the_alerts_thresholds() -> None:
 
 
 def test_the_status_bar_turns_orange_where_the_alert_fires() -> None:
-    panels_by_title = {p["title"]: p for p in panels(DASHBOARDS["llm-overview"])}
+    panels_by_title = {p["title"]: p for d in DASHBOARDS.values() for p in panels(d)}
     for title, level in generator.LEVELS.items():
         red = [] if level.unhealthy is None else [(level.unhealthy, "red")]
         expected = [(0, "green"), (level.warning, "orange"), *red]
@@ -309,14 +310,59 @@ def test_tokens_per_second_have_a_unit() -> None:
         assert panel["fieldConfig"]["defaults"]["unit"] == "suffix:tokens/s", panel["title"]
 
 
-def test_output_tokens_fall_back_to_the_probes_without_token_counters() -> None:
+def test_output_tokens_take_the_counters_else_the_gateway_else_the_probes() -> None:
     (panel,) = [p for p in panels(DASHBOARDS["llm-overview"]) if p["title"] == "Output tokens/s"]
     (target,) = panel["targets"]
     expr = target["expr"]
-    counters, fallback = expr.split(" or ", 1)
-    assert "rate(llm_tokens_total{" in counters
-    assert "llm_probe_tokens_per_second{" in fallback
-    assert re.search(r"unless on \(provider\) llm_tokens_total\{[^}]*type=\"output\"", fallback)
+    assert expr.startswith("sum(") and expr.endswith(")")
+    counters, gateway, probes = expr[len("sum(") : -1].split(" or ")
+    assert counters.startswith("sum by (provider) (rate(llm_tokens_total{")
+    assert gateway.startswith("sum by (provider) (rate(llm_gateway_tokens_total{")
+    assert 'type="output"' in counters and 'type="output"' in gateway
+    assert probes.startswith("avg by (provider) (llm_probe_tokens_per_second{")
+
+
+# (uid, panel title): the metric of each source, in the order they are preferred.
+BEST_SOURCE = {
+    ("llm-overview", "p95 time to first token"): (
+        "llm_time_to_first_token_seconds",
+        "llm_gateway_time_to_first_token_seconds",
+        "llm_probe_time_to_first_token_seconds",
+    ),
+    ("llm-performance", "Time to first token"): (
+        "llm_time_to_first_token_seconds",
+        "llm_gateway_time_to_first_token_seconds",
+        "llm_probe_time_to_first_token_seconds",
+    ),
+    ("llm-performance", "Request duration"): (
+        "llm_request_duration_seconds",
+        "llm_gateway_request_duration_seconds",
+        "llm_probe_duration_seconds",
+    ),
+    ("llm-performance", "Tokens/s by type"): ("llm_tokens_total", "llm_gateway_tokens_total"),
+    ("llm-performance", "Requests running vs waiting"): (
+        "llm_requests_running",
+        "llm_gateway_requests_in_flight",
+    ),
+}
+
+
+@pytest.mark.parametrize(("uid", "title"), sorted(BEST_SOURCE))
+def test_best_source_panels_prefer_the_provider_then_the_gateway_then_the_probes(
+    uid: str, title: str
+) -> None:
+    """As the llm-best-source recording rules: each source labelled, joined by `or`."""
+    (panel,) = [p for p in panels(DASHBOARDS[uid]) if p["title"] == title]
+    expr = panel["targets"][0]["expr"]
+    parts = re.split(r" or (?:ignoring \(source\)|on \(provider\)) ", expr)
+    sources = ("provider", "gateway", "probe")[: len(BEST_SOURCE[uid, title])]
+    assert len(parts) == len(sources), expr
+    for part, source, metric in zip(parts, sources, BEST_SOURCE[uid, title], strict=True):
+        assert f'"source", "{source}", "", "")' in part, part
+        assert {base_name(n) for n in METRIC.findall(part)} == {metric}, part
+    if len(sources) == 3 and "ignoring" in expr:
+        # A quantile without observations (NaN) gives way to the next source.
+        assert expr.count(">= 0") == 3, expr
 
 
 # (e) every metric is catalogued ------------------------------------------------------------
@@ -347,6 +393,26 @@ def test_the_brief_metrics_are_all_on_a_dashboard() -> None:
         "llm_model_expiry_timestamp_seconds",
     }  # fmt: skip
     assert sorted(wanted - used) == []
+
+
+def test_every_gateway_metric_is_on_the_traffic_dashboard() -> None:
+    gateway = {name for name in METRICS if name.startswith("llm_gateway_")}
+    queries = generator.panel_queries(DASHBOARDS["llm-traffic"])
+    used = {base_name(n) for _, expr in queries for n in METRIC.findall(expr)}
+    assert gateway and sorted(gateway - used) == []
+
+
+def test_clients_the_gateway_cannot_name_are_shown_as_unattributed() -> None:
+    by_client = [
+        expr
+        for title, expr in generator.panel_queries(DASHBOARDS["llm-traffic"])
+        if "by client" in title
+    ]
+    assert len(by_client) == 2
+    for expr in by_client:
+        assert expr.startswith("label_replace(") and expr.endswith(
+            f', "client", "{generator.UNATTRIBUTED}", "client", "")'
+        ), expr
 
 
 # the helpers the integration test uses -----------------------------------------------------
