@@ -60,6 +60,7 @@ vllm:
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/scrape.py
 	$(BIN)/python bench/probes.py
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .mypy_cache .ruff_cache
