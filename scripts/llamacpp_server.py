@@ -52,6 +52,7 @@ def serve(
     alias: str = "tiny-llama",
     threads: int | None = None,
     exit_on_stdin_eof: bool = False,
+    embeddings: bool = False,
 ) -> int:
     """Serve the model over HTTP until SIGTERM/SIGINT (or stdin EOF if asked); return exit code."""
     stop = threading.Event()
@@ -89,6 +90,9 @@ def serve(
     params.endpoint_props = True
     if api_key:
         params.api_keys = [api_key]
+    if embeddings:  # /v1/embeddings (llama-server's --embeddings --pooling mean)
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     if threads:
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
@@ -124,6 +128,7 @@ class LlamaCppServer:
         alias: str = "tiny-llama",
         python: str = sys.executable,
         threads: int | None = 1,
+        embeddings: bool = False,
     ) -> None:
         """Configure the server; nothing runs until start()."""
         # threads=1 by default: with one compute thread per core, llama.cpp's thread barrier
@@ -136,6 +141,7 @@ class LlamaCppServer:
         self.alias = alias
         self.python = python
         self.threads = threads
+        self.embeddings = embeddings
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path: Path | None = None
         self._tmpdir: Path | None = None
@@ -162,6 +168,8 @@ class LlamaCppServer:
             cmd += ["--api-key", self.api_key]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
+        if self.embeddings:
+            cmd += ["--embeddings"]
         return cmd
 
     def log_tail(self, max_bytes: int = 4000) -> str:
@@ -265,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--alias", default="tiny-llama", help="model name served by the API")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto)")
+    parser.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings too")
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="also stop when stdin reaches EOF"
     )
@@ -279,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         alias=args.alias,
         threads=args.threads,
         exit_on_stdin_eof=args.exit_on_stdin_eof,
+        embeddings=args.embeddings,
     )
 
 

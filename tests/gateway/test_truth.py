@@ -125,6 +125,29 @@ async def test_token_counts_equal_the_servers_own_and_what_clients_received(
     assert engine_series == engine_in
 
 
+async def test_embedding_tokens_equal_the_servers_own(tiny_model: Path) -> None:
+    with LlamaCppServer(tiny_model, embeddings=True) as server:
+        async with through_gateway(server) as (exporter, gateway):
+            before, truth_before = await exporter.scrape(), await own_metrics(server.url)
+            async with httpx.AsyncClient(base_url=gateway, timeout=60) as client:
+                usages = []
+                for inputs in (["hello there"], ["a b c d", "the sky is blue"], "one more"):
+                    body = {"model": "tiny-llama", "input": inputs}
+                    answer = await client.post("/v1/embeddings", json=body)
+                    assert answer.status_code == 200
+                    usages.append(answer.json()["usage"])
+            after, truth_after = await exporter.scrape(), await own_metrics(server.url)
+    engine = (
+        truth_after["llamacpp:prompt_tokens_total"] - truth_before["llamacpp:prompt_tokens_total"]
+    )
+    labels = {**LABELS, "type": "input"}
+    counted = sum(v for _, v in after.all("llm_gateway_tokens_total", **labels))
+    counted -= sum(v for _, v in before.all("llm_gateway_tokens_total", **labels))
+    assert counted == engine == sum(u["prompt_tokens"] for u in usages) > 0
+    requests = after.all("llm_gateway_requests_total", operation="embeddings", **LABELS)
+    assert sum(v for _, v in requests) == 3
+
+
 def _stable(body: bytes) -> bytes:
     """A llama.cpp stream without what differs between two runs: ids, times, timings."""
     body = re.sub(rb'"id":"[^"]*"', b'"id":""', body)
