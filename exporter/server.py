@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -428,12 +428,19 @@ async def handle_index(request: web.Request) -> web.Response:
     """A landing page: the overall verdict, then each provider's state, models and probes."""
     exporter = request.app[EXPORTER_KEY]
     collection = exporter.last
-    page = landing_page(exporter.config, collection, exporter.probe_stats)
+    page = landing_page(
+        exporter.config, collection, exporter.probe_stats, exporter.gateway.addresses
+    )
     return web.Response(text=page, content_type="text/html")
 
 
-def landing_page(config: Config, collection: Collection | None, probes: ProbeStats) -> str:
-    """The landing page's HTML."""
+def landing_page(
+    config: Config,
+    collection: Collection | None,
+    probes: ProbeStats,
+    gateways: Mapping[str, str] | None = None,
+) -> str:
+    """The landing page's HTML; gateways: the address each provider's gateway listens on."""
     verdicts = {c.provider: c for c in collection.health.components} if collection else {}
     results = {r.config.name: r for r in collection.providers} if collection else {}
     by_provider = probes.by_provider()
@@ -448,10 +455,12 @@ def landing_page(config: Config, collection: Collection | None, probes: ProbeSta
             for model, stats in sorted(by_provider.get(provider.name, {}).items())
             if stats.tokens_per_second is not None
         ]
+        gateway = (gateways or {}).get(provider.name)
+        where = display_url(provider.url) + (f" (gateway: {gateway})" if gateway else "")
         cells = (
             _cell(provider.name),
             _cell(provider.kind),
-            _cell(display_url(provider.url)),
+            _cell(where),
             f'<td class="{html.escape(state.split()[0])}">{html.escape(state)}</td>',
             _cell(verdict.reason if verdict else ""),
             _cell(_listed(loaded) or "none"),

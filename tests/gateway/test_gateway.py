@@ -82,3 +82,15 @@ async def test_an_address_in_use_is_refused_with_its_key() -> None:
             assert gateway.addresses == {}
         finally:
             await gateway.aclose()
+
+
+async def test_the_landing_page_says_where_the_gateway_listens() -> None:
+    config = config_of(
+        provider_yaml(
+            "p", "ollama", f"http://127.0.0.1:{closed_port()}", gateway="{listen: '127.0.0.1:0'}"
+        )
+    )
+    async with running(config) as served:
+        page = (await served.http.get("/")).text
+        address = served.exporter.gateway.addresses["p"]
+    assert f"(gateway: {address})" in page
