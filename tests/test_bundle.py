@@ -257,6 +257,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             llama,
             alerts,
         )
+        # Prometheus answers 503 until its storage is open (slower on a fresh machine).
+        wait_for(
+            lambda: httpx.get(f"{result.prometheus}/-/ready", timeout=2).status_code == 200,
+            "Prometheus ready",
+            60,
+        )
         # Traffic, so the token rates move; then enough scrapes for every rate window.
         for _ in range(3):
             httpx.post(

@@ -98,7 +98,15 @@ async def through_the_gateways(exporter: Running) -> None:
     unreadable answer through Ollama's."""
     addresses = exporter.exporter.gateway.addresses
     async with httpx.AsyncClient(timeout=30) as client:
-        body = {"model": "tiny-llama", "messages": [], "max_tokens": 4, "stream": True}
+        # Sixteen tokens whatever the sampled text (ignore_eos), so they come in more than one
+        # read and time per token is observed.
+        body = {
+            "model": "tiny-llama",
+            "messages": [],
+            "max_tokens": 16,
+            "stream": True,
+            "ignore_eos": True,
+        }
         for _ in range(2):
             chat = await client.post(f"http://{addresses['llama']}/v1/chat/completions", json=body)
         generate = await client.post(f"http://{addresses['ollama']}/api/generate", json={})
