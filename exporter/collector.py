@@ -15,6 +15,7 @@ import psutil
 from .client import DEADLINE, ConnectionStats, ProviderClient
 from .config import Config, ProviderConfig
 from .errors import FailureClass
+from .gateway.stats import GatewayStats
 from .gpu import GpuReader, GpuSnapshot
 from .health import HealthReport, evaluate
 from .host import HostReader, HostSnapshot, ProcessFinder, ProcessSnapshot
@@ -163,6 +164,7 @@ class Collector:
         *,
         stats: ConnectionStats | None = None,
         probe_stats: ProbeStats | None = None,
+        gateway_stats: GatewayStats | None = None,
         ps: ModuleType = psutil,
         nvml: Any = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -171,6 +173,7 @@ class Collector:
         self.config = config
         self.stats = stats if stats is not None else ConnectionStats()
         self.probe_stats = probe_stats if probe_stats is not None else ProbeStats()
+        self.gateway_stats = gateway_stats if gateway_stats is not None else GatewayStats()
         self.clock = clock
         self.wall_clock = wall_clock
         self.clients = [
@@ -202,7 +205,19 @@ class Collector:
         results = tuple(
             replace(r, process=resources.processes.get(r.config.name)) for r in collected
         )
-        health = evaluate(results, resources, self.probe_stats.by_provider(), self.config.health)
+        queues = {
+            name: traffic.queue
+            for name, traffic in self.gateway_stats.providers.items()
+            if traffic.queue is not None
+        }
+        health = evaluate(
+            results,
+            resources,
+            self.probe_stats.by_provider(),
+            self.config.health,
+            queues,
+            self.clock(),
+        )
         return Collection(results, resources, health, self.wall_clock())
 
     async def _collect_one(self, provider: Provider, budget: float) -> ProviderResult:

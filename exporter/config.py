@@ -78,6 +78,38 @@ class ProbeConfig:
     max_tokens: int = 16
 
 
+MIN_PRIORITY, MAX_PRIORITY = -10, 10
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The gateway's admission queue: how many requests reach the provider at once, how many
+    more may wait, for how long, and in which order."""
+
+    max_concurrent: int  # the provider's real parallelism (slots, NUM_PARALLEL, max_num_seqs)
+    max_waiting: int = 64
+    max_wait: float = 60.0
+    overflow_status: int = 429  # or 503
+    priority_header: str | None = None  # a header carrying an integer priority
+    # Client names (from the gateway's client attribution) to priorities.
+    client_priorities: Mapping[str, int] = field(default_factory=dict)
+    # Each step of priority counts as this long waited: a request never waits behind one
+    # that arrived more than (MAX_PRIORITY - its priority) * aging after it.
+    aging: float = 10.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The gateway's response cache: exact repeats of deterministic requests, per credential."""
+
+    enabled: bool = False
+    ttl: float = 600.0
+    max_entries: int = 10000
+    max_bytes: int = 64 * 1024 * 1024
+    # Cache answers to requests that sample (temperature above 0 without a seed) too.
+    sampled: bool = False
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """A measuring proxy in front of the provider: clients send it what they would send the
@@ -91,6 +123,8 @@ class GatewayConfig:
     client_header: str | None = None  # a header naming the client, for attribution
     # SHA-256 hex prefixes of API keys (bearer tokens) to client names.
     client_keys: Mapping[str, str] = field(default_factory=dict)
+    queue: QueueConfig | None = None
+    cache: CacheConfig = CacheConfig()
 
     @property
     def address(self) -> tuple[str | None, int]:
@@ -407,6 +441,54 @@ def _positive_int(value: Any, path: str, node: yaml.Node) -> int:
     return value
 
 
+def _non_negative_int(value: Any, path: str, node: yaml.Node) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(path, node, f"expected an integer of 0 or more, got {_describe(value)}")
+    return value
+
+
+_SIZE_RE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+}
+MAX_SIZE_BYTES = 1 << 40
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from a size as the configuration writes it (512KiB, 64MiB, 1GB); None if not one."""
+    match = _SIZE_RE.match(text.strip())
+    if match is None:
+        return None
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def format_size(size: int) -> str:
+    """A size as the configuration writes it, read back exactly."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+def _size(value: Any, path: str, node: yaml.Node) -> int:
+    size = parse_size(value) if isinstance(value, str) else None
+    if size is None or not 0 < size <= MAX_SIZE_BYTES:
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool):
+            hint = f" (add a unit, as in {value}B or {value}MiB)"
+        elif size is not None:
+            hint = " (must be above zero)" if size == 0 else " (at most 1TiB)"
+        raise _fail(path, node, f"expected a size like 64MiB, got {_describe(value)}{hint}")
+    return size
+
+
 def _port(value: Any, path: str, node: yaml.Node) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         raise _fail(path, node, f"expected a port number 1-65535, got {_describe(value)}")
@@ -675,9 +757,81 @@ def _parse_gateway(reader: _Reader | None) -> GatewayConfig | None:
         models=tuple(_string_item(node, path) for node, path in reader.sequence("models")),
         client_header=reader.scalar("client_header", _header_name, None),
         client_keys=reader.section("client_keys", _parse_client_keys, {}),
+        queue=reader.section("queue", _parse_queue, None),
+        cache=reader.section("cache", _parse_cache, default.cache),
     )
     reader.finish()
+    if gateway.queue is not None:
+        unknown = sorted(set(gateway.queue.client_priorities) - set(gateway.client_keys.values()))
+        queue_node = reader.node("queue")
+        if unknown and gateway.client_header is None and queue_node is not None:
+            raise reader.error(
+                f"{reader.path}.queue.client_priorities.{unknown[0]}",
+                "no such client: name it in gateway.client_keys, or set gateway.client_header",
+                _child(queue_node, "client_priorities", unknown[0]),
+            )
     return gateway
+
+
+def _priority(value: Any, path: str, node: yaml.Node) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, node, f"expected an integer priority, got {_describe(value)}")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        reason = f"expected a priority from {MIN_PRIORITY} to {MAX_PRIORITY}, got {value}"
+        raise _fail(path, node, reason)
+    return value
+
+
+def _overflow_status(value: Any, path: str, node: yaml.Node) -> int:
+    if value not in (429, 503) or isinstance(value, bool):
+        raise _fail(path, node, f"expected 429 or 503, got {_describe(value)}")
+    return int(value)
+
+
+def _parse_client_priorities(reader: _Reader | None) -> dict[str, int]:
+    if reader is None:
+        return {}
+    priorities = {name: reader.scalar(name, _priority, 0) for name in reader.items}
+    if len(priorities) > MAX_GATEWAY_CLIENTS:
+        raise reader.error(reader.path, f"at most {MAX_GATEWAY_CLIENTS} clients")
+    return priorities
+
+
+def _parse_queue(reader: _Reader | None) -> QueueConfig | None:
+    if reader is None:
+        return None
+    default = QueueConfig(max_concurrent=1)
+    if reader.node("max_concurrent") is None:
+        reason = (
+            "is required: the provider's parallelism (its slots, OLLAMA_NUM_PARALLEL, max_num_seqs)"
+        )
+        reader.errors.append(reader.error(f"{reader.path}.max_concurrent", reason))
+    queue = QueueConfig(
+        max_concurrent=reader.scalar("max_concurrent", _positive_int, 1),
+        max_waiting=reader.scalar("max_waiting", _non_negative_int, default.max_waiting),
+        max_wait=reader.scalar("max_wait", _duration, default.max_wait),
+        overflow_status=reader.scalar("overflow_status", _overflow_status, default.overflow_status),
+        priority_header=reader.scalar("priority_header", _header_name, None),
+        client_priorities=reader.section("client_priorities", _parse_client_priorities, {}),
+        aging=reader.scalar("aging", _duration, default.aging),
+    )
+    reader.finish()
+    return queue
+
+
+def _parse_cache(reader: _Reader | None) -> CacheConfig:
+    default = CacheConfig()
+    if reader is None:
+        return default
+    cache = CacheConfig(
+        enabled=reader.scalar("enabled", _bool, default.enabled),
+        ttl=reader.scalar("ttl", _duration, default.ttl),
+        max_entries=reader.scalar("max_entries", _positive_int, default.max_entries),
+        max_bytes=reader.scalar("max_bytes", _size, default.max_bytes),
+        sampled=reader.scalar("sampled", _bool, default.sampled),
+    )
+    reader.finish()
+    return cache
 
 
 def _url_warnings(provider: ProviderConfig, path: str) -> list[str]:
@@ -1077,6 +1231,25 @@ def _provider_document(provider: ProviderConfig) -> dict[str, object]:
             section["client_header"] = gateway.client_header
         if gateway.client_keys:
             section["client_keys"] = dict(gateway.client_keys)
+        if gateway.queue is not None:
+            queue = gateway.queue
+            section["queue"] = {
+                "max_concurrent": queue.max_concurrent,
+                "max_waiting": queue.max_waiting,
+                "max_wait": format_duration(queue.max_wait),
+                "overflow_status": queue.overflow_status,
+                **({"priority_header": queue.priority_header} if queue.priority_header else {}),
+                "client_priorities": dict(queue.client_priorities),
+                "aging": format_duration(queue.aging),
+            }
+        cache = gateway.cache
+        section["cache"] = {
+            "enabled": cache.enabled,
+            "ttl": format_duration(cache.ttl),
+            "max_entries": cache.max_entries,
+            "max_bytes": format_size(cache.max_bytes),
+            "sampled": cache.sampled,
+        }
         document["gateway"] = section
     return document
 

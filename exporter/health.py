@@ -13,11 +13,14 @@ from .errors import FailureClass
 
 if TYPE_CHECKING:
     from .collector import ProviderResult, Resources
+    from .gateway.stats import QueueStats
     from .probes import ModelProbeStats
     from .providers.base import Failure
 
 
 MAX_LISTED_MODELS = 20
+# A gateway queue with this share of max_waiting waiting is saturated.
+QUEUE_SATURATED_SHARE = 0.9
 
 
 class Status(StrEnum):
@@ -125,8 +128,34 @@ def _probe_verdicts(
     return verdicts
 
 
+def _queue_verdicts(queue: QueueStats, now: float) -> list[tuple[Status, str]]:
+    verdicts = []
+    if queue.max_waiting and queue.waiting >= QUEUE_SATURATED_SHARE * queue.max_waiting:
+        saturated = f"gateway queue saturated: {queue.waiting} of {queue.max_waiting} waiting"
+        verdicts.append((Status.DEGRADED, saturated))
+    rejected = queue.recent_rejections(now)
+    if rejected:
+        turned_away = f"gateway queue turned away {plural(rejected, 'request')} in the last minute"
+        verdicts.append((Status.DEGRADED, turned_away))
+    return verdicts
+
+
+def _queue_details(queue: QueueStats, now: float) -> dict[str, int]:
+    return {
+        "running": queue.running,
+        "max_concurrent": queue.max_concurrent,
+        "waiting": queue.waiting,
+        "max_waiting": queue.max_waiting,
+        "rejected_last_minute": queue.recent_rejections(now),
+    }
+
+
 def _provider(
-    result: ProviderResult, probes: Mapping[str, ModelProbeStats], config: HealthConfig
+    result: ProviderResult,
+    probes: Mapping[str, ModelProbeStats],
+    queue: QueueStats | None,
+    config: HealthConfig,
+    now: float,
 ) -> ComponentHealth:
     snapshot = result.snapshot
     failures = [
@@ -151,6 +180,8 @@ def _provider(
         "failures": failures,
         "notes": list(snapshot.notes),
     }
+    if queue is not None:
+        details["gateway_queue"] = _queue_details(queue, now)
     name = result.config.name
 
     def verdict(status: Status, reason: str) -> ComponentHealth:
@@ -165,6 +196,8 @@ def _provider(
     if failures:
         findings.append((Status.DEGRADED, f"partial answer: {failures[0]}"))
     findings.extend(_probe_verdicts(probes, config))
+    if queue is not None:
+        findings.extend(_queue_verdicts(queue, now))
     bad = [f for f in findings if f[0] is not Status.HEALTHY]
     if not bad:
         return verdict(Status.HEALTHY, "; ".join(("up", *snapshot.notes)))
@@ -236,10 +269,17 @@ def evaluate(
     resources: Resources,
     probes: Mapping[str, Mapping[str, ModelProbeStats]],
     config: HealthConfig,
+    queues: Mapping[str, QueueStats] | None = None,
+    now: float = 0.0,
 ) -> HealthReport:
-    """Judge every component; the overall verdict is the worst of them."""
+    """Judge every component; the overall verdict is the worst of them. queues: the
+    gateway queues by provider, judged at now (their clock's time)."""
+    queues = queues or {}
     components = (
-        *(_provider(r, probes.get(r.config.name, {}), config) for r in results),
+        *(
+            _provider(r, probes.get(r.config.name, {}), queues.get(r.config.name), config, now)
+            for r in results
+        ),
         _connection(results),
         _resources(results, resources, config),
     )

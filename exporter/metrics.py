@@ -18,6 +18,7 @@ from . import __version__
 from .client import ConnectionStats
 from .collector import Collection, ProviderResult
 from .gateway import GatewayStats
+from .gateway.stats import REJECTED_FULL, REJECTED_TIMEOUT, CacheStats, QueueStats
 from .health import Status
 from .probes import ProbeStats
 from .providers.base import EngineSnapshot, HistogramData
@@ -93,17 +94,35 @@ SPECS = {
         Spec("llm_probe_last_run_timestamp_seconds", "gauge", "When the last synthetic probe of the model finished, successful or not.", PM),
         Spec("llm_probe_last_success_timestamp_seconds", "gauge", "When the last successful synthetic probe of the model finished.", PM),
         # The measuring gateway: real requests that clients sent through it, since start.
-        Spec("llm_gateway_requests_total", "counter", "Requests clients sent through the gateway, by operation, status class the client got (code, \"none\" if it got no answer), outcome (complete, abandoned, upstream_failed, timeout) and client.", (*PM, "operation", "code", "outcome", "client")),
-        Spec("llm_gateway_request_duration_seconds", "histogram", "Duration of requests through the gateway, from the request's arrival to the answer's last byte.", (*PM, "operation")),
-        Spec("llm_gateway_time_to_first_token_seconds", "histogram", "Time from a streamed request's arrival at the gateway to the first chunk carrying generated output.", (*PM, "operation")),
+        Spec("llm_gateway_requests_total", "counter", "Requests clients sent through the gateway, by operation, status class the client got (code, \"none\" if it got no answer), outcome (complete, abandoned, upstream_failed, timeout; rejected: turned away by the gateway's queue; cached: answered from the gateway's cache) and client.", (*PM, "operation", "code", "outcome", "client")),
+        Spec("llm_gateway_request_duration_seconds", "histogram", "Duration of requests the gateway forwarded to the provider, from the request's arrival (so including any wait in the gateway's queue) to the answer's last byte.", (*PM, "operation")),
+        Spec("llm_gateway_time_to_first_token_seconds", "histogram", "Time from a streamed request's arrival at the gateway (so including any wait in its queue) to the first chunk carrying generated output.", (*PM, "operation")),
         Spec("llm_gateway_time_per_output_token_seconds", "histogram", "Time per generated token after the first, in streamed requests through the gateway.", (*PM, "operation")),
         Spec("llm_gateway_tokens_total", "counter", "Tokens of requests through the gateway, by type (input: every prompt token, cached or not; output), source (usage: the provider's own count; stream_chunks: content chunks of a stream without usage, one per token) and client.", (*PM, "type", "source", "client")),
         Spec("llm_gateway_input_tokens_cached_total", "counter", "Prompt tokens of requests through the gateway that the provider reused from its cache (part of the input tokens).", PM),
-        Spec("llm_gateway_requests_in_flight", "gauge", "Requests through the gateway that have not finished.", PM),
+        Spec("llm_gateway_requests_in_flight", "gauge", "Requests the gateway has forwarded to the provider that have not finished (requests waiting in its queue are in llm_gateway_queue_waiting).", PM),
         Spec("llm_gateway_upstream_retries_total", "counter", "Requests the gateway sent again on a new connection because the provider had closed the pooled one.", P),
         Spec("llm_gateway_unmetered_responses_total", "counter", "Answers relayed whose usage could not be read, by reason (too_large, encoding, invalid_json).", (*P, "reason")),
         Spec("llm_gateway_connections", "gauge", "Client connections open to the gateway.", P),
         Spec("llm_gateway_connections_closed_total", "counter", "Client connections the gateway closed because max_connections were open.", P),
+        # The gateway's admission queue (gateway.queue).
+        Spec("llm_gateway_queue_waiting", "gauge", "Requests waiting in the gateway's queue for a slot at the provider, by priority.", (*P, "priority")),
+        Spec("llm_gateway_queue_running", "gauge", "Requests the gateway's queue has let through to the provider that hold a slot now.", P),
+        Spec("llm_gateway_queue_max_concurrent", "gauge", "Slots: requests the gateway lets through to the provider at once (queue.max_concurrent).", P),
+        Spec("llm_gateway_queue_max_waiting", "gauge", "Requests that may wait in the gateway's queue (queue.max_waiting).", P),
+        Spec("llm_gateway_queue_wait_seconds", "histogram", "Time requests spent in the gateway's queue, by how the wait ended (dispatched, rejected_full, rejected_timeout, cancelled).", (*P, "outcome")),
+        Spec("llm_gateway_queue_rejections_total", "counter", "Requests the gateway's queue turned away, by reason (queue_full: max_waiting were waiting; wait_timeout: no slot within max_wait).", (*P, "reason")),
+        Spec("llm_gateway_queue_service_rate", "gauge", "Requests per second the provider finishes with every slot busy, estimated from recent service times (max_concurrent over their moving average); the basis of Retry-After.", P),
+        # The gateway's response cache (gateway.cache).
+        Spec("llm_gateway_cache_lookups_total", "counter", "Generation and embedding requests by what the cache did: hit (answered from it), miss (forwarded, stored if it may be), bypass (not eligible, see llm_gateway_cache_bypasses_total).", (*P, "result")),
+        Spec("llm_gateway_cache_bypasses_total", "counter", "Requests that bypassed the cache, by reason (stream, sampling, no_cache, body).", (*P, "reason")),
+        Spec("llm_gateway_cache_entries", "gauge", "Answers in the gateway's cache.", P),
+        Spec("llm_gateway_cache_bytes", "gauge", "Bytes the gateway's cache holds: answers, their headers and keys, and a fixed cost per entry.", P),
+        Spec("llm_gateway_cache_max_entries", "gauge", "Answers the gateway's cache may hold (cache.max_entries).", P),
+        Spec("llm_gateway_cache_max_bytes", "gauge", "Bytes the gateway's cache may hold (cache.max_bytes).", P),
+        Spec("llm_gateway_cache_evictions_total", "counter", "Answers dropped from the gateway's cache, by reason (expired: older than ttl; max_entries, max_bytes: least recently used, to make room).", (*P, "reason")),
+        Spec("llm_gateway_cache_saved_tokens_total", "counter", "Tokens the provider did not have to process because the cache answered, by type (input, output), as the stored answers' usage says.", (*P, "type")),
+        Spec("llm_gateway_cache_saved_seconds_total", "counter", "Seconds the provider took for the answers that cache hits repeated.", P),
         # The host.
         Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
         Spec("llm_host_cpus", "gauge", "Logical CPUs of the host.", ()),
@@ -279,6 +298,45 @@ def _gateway(out: _Families, stats: GatewayStats) -> None:
             out.add("llm_gateway_unmetered_responses_total", [provider, reason], count)
         out.add("llm_gateway_connections", [provider], traffic.connections)
         out.add("llm_gateway_connections_closed_total", [provider], traffic.connections_closed)
+        if traffic.queue is not None:
+            _queue(out, provider, traffic.queue)
+        if traffic.cache is not None:
+            _cache(out, provider, traffic.cache)
+
+
+REJECTION_REASONS = {REJECTED_FULL: "queue_full", REJECTED_TIMEOUT: "wait_timeout"}
+
+
+def _queue(out: _Families, provider: str, queue: QueueStats) -> None:
+    for priority, count in sorted(queue.waiting_by_priority.items()):
+        out.add("llm_gateway_queue_waiting", [provider, str(priority)], count)
+    out.add("llm_gateway_queue_running", [provider], queue.running)
+    out.add("llm_gateway_queue_max_concurrent", [provider], queue.max_concurrent)
+    out.add("llm_gateway_queue_max_waiting", [provider], queue.max_waiting)
+    for outcome, buckets in queue.wait.items():
+        out.histogram("llm_gateway_queue_wait_seconds", [provider, outcome], buckets.data())
+    for outcome, reason in REJECTION_REASONS.items():
+        out.add(
+            "llm_gateway_queue_rejections_total", [provider, reason], queue.wait[outcome].observed
+        )
+    if queue.service_rate is not None:
+        out.add("llm_gateway_queue_service_rate", [provider], queue.service_rate)
+
+
+def _cache(out: _Families, provider: str, cache: CacheStats) -> None:
+    for result, count in cache.lookups.items():
+        out.add("llm_gateway_cache_lookups_total", [provider, result], count)
+    for reason, count in sorted(cache.bypasses.items()):
+        out.add("llm_gateway_cache_bypasses_total", [provider, reason], count)
+    out.add("llm_gateway_cache_entries", [provider], cache.entries)
+    out.add("llm_gateway_cache_bytes", [provider], cache.bytes)
+    out.add("llm_gateway_cache_max_entries", [provider], cache.max_entries)
+    out.add("llm_gateway_cache_max_bytes", [provider], cache.max_bytes)
+    for reason, count in sorted(cache.evictions.items()):
+        out.add("llm_gateway_cache_evictions_total", [provider, reason], count)
+    for kind, count in cache.saved_tokens.items():
+        out.add("llm_gateway_cache_saved_tokens_total", [provider, kind], count)
+    out.add("llm_gateway_cache_saved_seconds_total", [provider], cache.saved_seconds)
 
 
 def _resources(out: _Families, collection: Collection) -> None:

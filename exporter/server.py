@@ -103,6 +103,7 @@ class Exporter:
             config,
             stats=self.stats,
             probe_stats=self.probe_stats,
+            gateway_stats=self.gateway_stats,
             wall_clock=self.wall_clock,
             **self._collector_options,
         )

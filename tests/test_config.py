@@ -19,6 +19,7 @@ import yaml
 
 from exporter.cli import build_parser
 from exporter.config import (
+    CacheConfig,
     Config,
     GatewayConfig,
     GlobalConfig,
@@ -28,12 +29,14 @@ from exporter.config import (
     ProbeModel,
     ProcessMatch,
     ProviderConfig,
+    QueueConfig,
     Threshold,
     TLSConfig,
     dump_config,
     load_config,
     parse_config,
     parse_duration,
+    parse_size,
 )
 from exporter.errors import ConfigError
 from exporter.providers import KINDS
@@ -79,6 +82,56 @@ INVALID = [
         "FILE:7: providers[0].gateway.client_keys.<prefix>: expected 8 to 64 lower-case hex"
         ' digits of the key\'s SHA-256 (printf %s "$KEY" | sha256sum | cut -c1-12), never the key'
         " itself",
+    ),
+    (
+        "queue without its cap",
+        provider("    gateway:", "      listen: :11435", "      queue: {max_waiting: 4}"),
+        "FILE:7: providers[0].gateway.queue.max_concurrent: is required: the provider's"
+        " parallelism (its slots, OLLAMA_NUM_PARALLEL, max_num_seqs)",
+    ),
+    (
+        "queue overflow status neither 429 nor 503",
+        provider(
+            "    gateway:",
+            "      listen: :1",
+            "      queue: {max_concurrent: 1, overflow_status: 500}",
+        ),
+        "FILE:7: providers[0].gateway.queue.overflow_status: expected 429 or 503, got 500",
+    ),
+    (
+        "queue priority out of range",
+        provider(
+            "    gateway:",
+            "      listen: :1",
+            "      client_header: X-Client",
+            "      queue: {max_concurrent: 1, client_priorities: {ide: 11}}",
+        ),
+        "FILE:8: providers[0].gateway.queue.client_priorities.ide: expected a priority from -10"
+        " to 10, got 11",
+    ),
+    (
+        "queue priority for a client nobody names",
+        provider(
+            "    gateway:",
+            "      listen: :1",
+            "      queue: {max_concurrent: 1, client_priorities: {ide: 1}}",
+        ),
+        "FILE:7: providers[0].gateway.queue.client_priorities.ide: no such client: name it in"
+        " gateway.client_keys, or set gateway.client_header",
+    ),
+    (
+        "cache size without a unit",
+        provider(
+            "    gateway:", "      listen: :1", "      cache: {enabled: true, max_bytes: 1000}"
+        ),
+        "FILE:7: providers[0].gateway.cache.max_bytes: expected a size like 64MiB, got 1000"
+        " (add a unit, as in 1000B or 1000MiB)",
+    ),
+    (
+        "cache size of nothing",
+        provider("    gateway:", "      listen: :1", "      cache: {max_bytes: 0MiB}"),
+        "FILE:7: providers[0].gateway.cache.max_bytes: expected a size like 64MiB, got"
+        ' "0MiB" (must be above zero)',
     ),
     (
         "probe timeout above the interval",
@@ -745,6 +798,8 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "boolean": yaml.safe_load,
     "list of strings": lambda text: tuple(yaml.safe_load(text)),
     "mapping of strings": yaml.safe_load,
+    "mapping of integers": yaml.safe_load,
+    "size": parse_size,
     "string": str,
 }
 
@@ -764,6 +819,8 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
     """The default of every documented key, from the dataclasses; None when not set."""
     p = {f.name: f.default for f in fields(ProviderConfig) if f.name not in ("name", "kind", "url")}
     gateway = {f.name: f.default for f in fields(GatewayConfig) if f.name != "listen"}
+    gateway.update(client_keys={}, cache=...)
+    queue = {f.name: f.default for f in fields(QueueConfig) if f.name != "max_concurrent"}
     p.update(headers={}, api_key_file=None, tls_config=..., process=None, probes=None, gateway=None)
     health: dict[str, Any] = {"max_age": HealthConfig().max_age}
     for name in (
@@ -784,7 +841,9 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
         "providers[].tls_config": {f.name: f.default for f in fields(TLSConfig)},
         "providers[].process": {f.name: f.default for f in fields(ProcessMatch)},
         "providers[].probes": {f.name: f.default for f in fields(ProbeConfig)},
-        "providers[].gateway": gateway | {"client_keys": {}},
+        "providers[].gateway": gateway,
+        "providers[].gateway.queue": queue | {"client_priorities": {}},
+        "providers[].gateway.cache": {f.name: f.default for f in fields(CacheConfig)},
         "host": {f.name: f.default for f in fields(HostConfig)},
         "health": health,
     }
@@ -794,9 +853,11 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
 def test_docs_give_every_key_and_its_default(section: str) -> None:
     documented = _documented(section)
     defaults = _code_defaults()[section]
-    required = {"providers[]": {"name", "kind", "url"}, "providers[].gateway": {"listen"}}.get(
-        section, set()
-    )
+    required = {
+        "providers[]": {"name", "kind", "url"},
+        "providers[].gateway": {"listen"},
+        "providers[].gateway.queue": {"max_concurrent"},
+    }.get(section, set())
     assert set(documented) == set(defaults) | required
     for key, (kind, cell) in documented.items():
         if key in required:
@@ -837,6 +898,10 @@ def test_docs_list_exactly_the_keys_the_parser_knows() -> None:
     assert _known_keys(provider(f"    gateway: {{listen: ':1', {bogus}}}")) == set(
         _documented("providers[].gateway")
     )
+    for section in ("queue", "cache"):
+        required = "max_concurrent: 1, " if section == "queue" else ""
+        text = provider(f"    gateway: {{listen: ':1', {section}: {{{required}{bogus}}}}}")
+        assert _known_keys(text) == set(_documented(f"providers[].gateway.{section}"))
     assert _known_keys(provider() + f"host: {{{bogus}}}") == set(_documented("host"))
     health = {key.split(".")[0] for key in _documented("health")}
     assert _known_keys(provider() + f"health: {{{bogus}}}") == health
@@ -943,6 +1008,18 @@ providers:
       models: [tiny, {name: big, allow_load: true, interval: 1h30m}]
       interval: 2m
       prompt: "Say $$5."
+    gateway:
+      listen: 127.0.0.1:11435
+      client_keys: {3f2a9c1b7d04: ide}
+      queue:
+        max_concurrent: 2
+        max_waiting: 0
+        max_wait: 90s
+        overflow_status: 503
+        priority_header: X-Priority
+        client_priorities: {ide: 5}
+        aging: 2500ms
+      cache: {enabled: true, ttl: 1h, max_entries: 5, max_bytes: 1536KiB, sampled: true}
 host: {mounts: [/, /srv]}
 health:
   response_time: {degraded: 1s, unhealthy: 3s}

@@ -73,7 +73,8 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
                 "llamacpp",
                 llama_server.url,
                 process=f"{{port: {llama_server.port}}}",
-                gateway="{listen: '127.0.0.1:0'}",
+                gateway="{listen: '127.0.0.1:0', queue: {max_concurrent: 4},"
+                " cache: {enabled: true, max_entries: 1}}",
             ),
             provider_yaml(
                 "ollama",
@@ -94,7 +95,8 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
 
 
 async def through_the_gateways(exporter: Running) -> None:
-    """Streamed chats through the llama.cpp gateway (the second reuses the prompt cache), an
+    """Streamed chats through the llama.cpp gateway (the second reuses the prompt cache),
+    deterministic ones its cache misses, stores, evicts (it holds one) and hits, and an
     unreadable answer through Ollama's."""
     addresses = exporter.exporter.gateway.addresses
     async with httpx.AsyncClient(timeout=30) as client:
@@ -110,7 +112,13 @@ async def through_the_gateways(exporter: Running) -> None:
         for _ in range(2):
             chat = await client.post(f"http://{addresses['llama']}/v1/chat/completions", json=body)
         generate = await client.post(f"http://{addresses['ollama']}/api/generate", json={})
+        answers = []
+        for index in (1, 2, 2):
+            body = {"model": "tiny-llama", "prompt": f"{index}", "max_tokens": 2, "temperature": 0}
+            completion = f"http://{addresses['llama']}/v1/completions"
+            answers.append((await client.post(completion, json=body)).headers.get("X-Cache"))
     assert (chat.status_code, generate.status_code) == (200, 200)
+    assert answers == [None, None, "HIT"]
 
 
 def test_catalogue_equals_a_real_scrape(full_scrape: str) -> None:

@@ -19,8 +19,10 @@ from ..config import Config, GatewayConfig, ProviderConfig
 from ..connections import limit_connections
 from ..errors import ConfigError
 from ..logs import fields
+from .cache import ResponseCache
 from .proxy import Proxy
-from .stats import GatewayStats, ProviderTraffic
+from .queue import AdmissionQueue
+from .stats import CacheStats, GatewayStats, ProviderTraffic, QueueStats
 
 __all__ = ["Gateway", "GatewayStats", "ProviderTraffic"]
 
@@ -41,6 +43,16 @@ class _Listener:
         self.proxy = proxy
         self.address = address
         self.runner: web.ServerRunner | None = None
+
+    @property
+    def queue(self) -> AdmissionQueue | None:
+        """The admission queue, kept across reloads with the requests waiting in it."""
+        return self.proxy.queue
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The response cache, kept across reloads while the provider's url stays."""
+        return self.proxy.cache
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.proxy.handle(request)
@@ -80,10 +92,12 @@ class Gateway:
             if listener is not None and _same_listener(listener.proxy.provider, provider):
                 self._swap(listener, provider)
                 continue
-            if listener is not None:
+            kept: tuple[AdmissionQueue | None, ResponseCache | None] = (None, None)
+            if listener is not None:  # moved: a new listener, with the queue and cache kept
                 await self._stop(provider.name)
+                kept = self._kept(listener.proxy, provider)
             try:
-                await self._start(provider)
+                await self._start(provider, *kept)
             except OSError as exc:
                 in_use = exc.errno == errno.EADDRINUSE
                 reason = f"cannot listen: {'address already in use' if in_use else exc.strerror}"
@@ -99,12 +113,18 @@ class Gateway:
             assert gateway is not None
             listener.proxy.traffic.models.known = frozenset((*names, *gateway.models))
 
-    async def _start(self, provider: ProviderConfig) -> None:
+    async def _start(
+        self,
+        provider: ProviderConfig,
+        queue: AdmissionQueue | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
         gateway = provider.gateway
         assert gateway is not None
         traffic = self.stats.of(provider.name)
         traffic.models.known = traffic.models.known | frozenset(gateway.models)
-        proxy = Proxy(provider, traffic, clock=self._clock)
+        queue, cache = self._queue_and_cache(provider, traffic, queue, cache)
+        proxy = Proxy(provider, traffic, queue=queue, cache=cache, clock=self._clock)
         listener = _Listener(proxy, gateway.listen)
         server = web.Server(
             listener.handle,
@@ -142,10 +162,53 @@ class Gateway:
         old = listener.proxy
         if old.provider == provider:
             return
-        listener.proxy = Proxy(provider, old.traffic, clock=self._clock)
+        queue, cache = self._queue_and_cache(provider, old.traffic, *self._kept(old, provider))
+        listener.proxy = Proxy(provider, old.traffic, queue=queue, cache=cache, clock=self._clock)
         task = asyncio.ensure_future(old.aclose_when_idle(RETIRE_SECONDS))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    def _kept(
+        old: Proxy, provider: ProviderConfig
+    ) -> tuple[AdmissionQueue | None, ResponseCache | None]:
+        """The queue and cache a provider's gateway keeps from its old proxy: the cache
+        emptied if the provider's url changed (its answers were another server's)."""
+        if old.cache is not None and old.provider.url != provider.url:
+            old.cache.clear()
+        return old.queue, old.cache
+
+    def _queue_and_cache(
+        self,
+        provider: ProviderConfig,
+        traffic: ProviderTraffic,
+        queue: AdmissionQueue | None,
+        cache: ResponseCache | None,
+    ) -> tuple[AdmissionQueue | None, ResponseCache | None]:
+        """The queue and cache the provider's gateway is configured with: the ones it has,
+        with new limits, where it keeps them."""
+        gateway = provider.gateway
+        assert gateway is not None
+        clients = set(gateway.client_keys.values())
+        if gateway.queue is not None:
+            clients.update(gateway.queue.client_priorities)
+        traffic.clients.known = frozenset(clients)
+        now = self._clock()
+        if gateway.queue is None:
+            queue, traffic.queue = None, None
+        elif queue is None:
+            traffic.queue = QueueStats()
+            queue = AdmissionQueue(gateway.queue, traffic.queue)
+        else:
+            queue.configure(gateway.queue, now)
+        if not gateway.cache.enabled:
+            cache, traffic.cache = None, None
+        elif cache is None:
+            traffic.cache = CacheStats()
+            cache = ResponseCache(gateway.cache, traffic.cache)
+        else:
+            cache.configure(gateway.cache, now)
+        return queue, cache
 
     async def _stop(self, name: str) -> None:
         listener = self._listeners.pop(name)

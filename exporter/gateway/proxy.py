@@ -22,12 +22,17 @@ from yarl import URL
 from ..client import KEEPALIVE_EXPIRY, ssl_context
 from ..config import ProviderConfig
 from ..logs import fields
+from .cache import BYPASS, HIT, MISS, Entry, Plan, ResponseCache
 from .meter import METERED, ModelScanner, Reading, ResponseMeter, Usage, model_in, operation_of
+from .queue import AdmissionQueue, Rejected, Ticket, clamp_priority
 from .stats import (
     ABANDONED,
+    CACHED,
     COMPLETE,
     FROM_CHUNKS,
     FROM_USAGE,
+    REJECTED,
+    REJECTED_FULL,
     TIMEOUT,
     UPSTREAM_FAILED,
     Measurement,
@@ -85,15 +90,31 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def error_response(path: str, status: int, message: str) -> web.Response:
+# The OpenAI-style error type of each status the gateway answers itself.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "unavailable_error",
+    504: "timeout_error",
+}
+NO_PLAN = Plan()
+
+
+def error_response(
+    path: str, status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """An error in the shape the client's API expects: Ollama's for /api/, else OpenAI's."""
     if path.startswith("/api/"):
         document: dict[str, Any] = {"error": message}
     else:
-        kind = "timeout_error" if status == 504 else "upstream_error"
+        kind = ERROR_TYPES.get(status, "upstream_error")
         document = {"error": {"message": message, "type": kind, "code": status}}
     return web.Response(
-        status=status, body=json.dumps(document).encode(), content_type="application/json"
+        status=status,
+        body=json.dumps(document).encode(),
+        content_type="application/json",
+        headers=headers,
     )
 
 
@@ -125,12 +146,16 @@ class Proxy:
         provider: ProviderConfig,
         traffic: ProviderTraffic,
         *,
+        queue: AdmissionQueue | None = None,
+        cache: ResponseCache | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         assert provider.gateway is not None
         self.provider = provider
         self.root = upstream_root(provider)
         self.traffic = traffic
+        self.queue = queue
+        self.cache = cache
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
@@ -196,6 +221,17 @@ class Proxy:
                 return self.traffic.clients.label(named)
         return ""
 
+    def priority_of(self, request: web.BaseRequest, client: str) -> int:
+        """A request's queue priority: its priority header's, else its client's, else 0."""
+        queue = self.queue
+        assert queue is not None
+        config = queue.config
+        if config.priority_header is not None:
+            value = request.headers.get(config.priority_header, "").strip()
+            if value.lstrip("+-").isdigit() and len(value) <= 8:
+                return clamp_priority(int(value))
+        return config.client_priorities.get(client, 0)
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Forward one request and relay the provider's answer as it comes."""
         started = self._clock()
@@ -210,19 +246,129 @@ class Proxy:
         requested = model_in(body) if scanner is None else scanner.model
         model = self.traffic.models.label(requested) if requested else ""
         call = _Call(self, request, operation, model, started)
-        self.traffic.started(model)
+        metered = operation in METERED
+        if self.cache is not None and metered:
+            call.plan = self.cache.plan(
+                request.method,
+                request.rel_url.raw_path_qs,
+                request.headers,
+                None if scanner is not None else body,
+                operation,
+            )
+            entry = self._cached(call)
+            if entry is not None:
+                return self._from_cache(call, entry)
         self.active += 1
         self._idle.clear()
         try:
-            return await call.run(body, rest, scanner)
+            ticket = None
+            if self.queue is not None and metered:
+                try:
+                    ticket = await self._admit(call)
+                except Rejected as rejected:
+                    return self._rejected(call, rejected)
+            return await self._forward(call, body, rest, scanner, ticket)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    def _cached(self, call: _Call) -> Entry | None:
+        """The cache's answer to a call, counting the lookup."""
+        cache, plan = self.cache, call.plan
+        assert cache is not None
+        if plan.key is None or not plan.lookup:
+            cache.stats.looked_up(BYPASS, plan.bypass)
+            return None
+        entry = cache.get(plan.key, self._clock())
+        cache.stats.looked_up(HIT if entry is not None else MISS)
+        return entry
+
+    def _from_cache(self, call: _Call, entry: Entry) -> web.StreamResponse:
+        """The stored answer, counting what it spared the provider."""
+        cache = self.cache
+        assert cache is not None
+        now = self._clock()
+        stats = cache.stats
+        stats.saved_tokens["input"] += entry.input_tokens
+        stats.saved_tokens["output"] += entry.output_tokens
+        stats.saved_seconds += entry.seconds
+        call.code, call.outcome = status_class(entry.status), CACHED
+        self.traffic.finished(call.measurement(now))
+        return cache.answer(entry, now)
+
+    async def _admit(self, call: _Call) -> Ticket:
+        """A slot for the call (Rejected if the queue turns it away)."""
+        queue = self.queue
+        assert queue is not None
+        loop = asyncio.get_running_loop()
+        priority = self.priority_of(call.request, call.client)
+        try:
+            return await queue.admit(priority, clock=self._clock, loop=loop)
+        except asyncio.CancelledError:  # the client went away while waiting
+            call.outcome = ABANDONED
+            self.traffic.finished(call.measurement(self._clock()))
+            raise
+
+    def _rejected(self, call: _Call, rejected: Rejected) -> web.StreamResponse:
+        """The answer to a request the queue turned away, in the shape of the client's API."""
+        queue = self.queue
+        assert queue is not None
+        config = queue.config
+        if rejected.outcome == REJECTED_FULL:
+            why = f"queue full ({queue.waiting} waiting)"
+        else:
+            why = f"no slot within {config.max_wait:g}s"
+        message = f"llm-exporter gateway: provider {self.provider.name} {why}"
+        status = config.overflow_status
+        call.code, call.outcome = status_class(status), REJECTED
+        self.traffic.finished(call.measurement(self._clock()))
+        retry_after = {"Retry-After": str(rejected.retry_after)}
+        return error_response(call.request.path, status, message, retry_after)
+
+    async def _forward(
+        self,
+        call: _Call,
+        body: bytes,
+        rest: AsyncIterator[bytes] | None,
+        scanner: ModelScanner | None,
+        ticket: Ticket | None,
+    ) -> web.StreamResponse:
+        in_flight = call.model
+        self.traffic.started(in_flight)
+        try:
+            response = await call.run(body, rest, scanner)
         except asyncio.CancelledError:  # the client went away: aiohttp cancels its handler
             call.outcome = ABANDONED
             raise
         finally:
-            self.traffic.finished(call.measurement(self._clock()), in_flight=model)
-            self.active -= 1
-            if not self.active:
-                self._idle.set()
+            now = self._clock()
+            if ticket is not None:
+                assert self.queue is not None
+                self.queue.release(ticket, now)
+            measurement = call.measurement(now)
+            self.traffic.finished(measurement, in_flight=in_flight)
+        if call.kept is not None and call.outcome == COMPLETE:
+            self._store(call, measurement)
+        return response
+
+    def _store(self, call: _Call, measurement: Measurement) -> None:
+        cache, plan, response, kept = self.cache, call.plan, call.response, call.kept
+        assert cache is not None and plan.key is not None
+        assert response is not None and kept is not None
+        if not cache.storable(response.status, response.headers, len(kept)):
+            return
+        cache.put(
+            plan.key,
+            response.status,
+            response.reason,
+            response.headers,
+            bytes(kept),
+            now=self._clock(),
+            input_tokens=measurement.input_tokens or 0,
+            output_tokens=measurement.output_tokens or 0,
+            seconds=measurement.duration,
+        )
 
     async def _body(
         self, request: web.BaseRequest
@@ -310,6 +456,8 @@ class _Call:
         self.outcome = COMPLETE
         self.reading: Reading | None = None
         self.response: web.StreamResponse | None = None
+        self.plan = NO_PLAN
+        self.kept: bytearray | None = None  # the answer's bytes, for the cache to store
 
     async def run(
         self, body: bytes, rest: AsyncIterator[bytes] | None, scanner: ModelScanner | None
@@ -405,6 +553,10 @@ class _Call:
             raise _ClientGone from None
         self.response, self.code = response, status_class(upstream.status)
         clock, content, now = self.proxy._clock, upstream.content, watchdog.loop.time
+        cache = self.proxy.cache
+        if self.plan.store and upstream.status == 200 and cache is not None:
+            self.kept = bytearray()
+            limit = cache.max_entry_bytes
         while True:
             watchdog.last = now()
             chunk = await content.readany()
@@ -416,6 +568,10 @@ class _Call:
                 raise _ClientGone from None
             if meter is not None and meter.format is not None:
                 meter.feed(chunk, clock())
+            if self.kept is not None:
+                self.kept += chunk
+                if len(self.kept) > limit:
+                    self.kept = None  # too large to store: pass it on only
         watchdog.stop()
         if meter is not None:
             self.reading = meter.finish()

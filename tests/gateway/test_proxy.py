@@ -8,14 +8,13 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 
-from tests.helpers import Running, Scrape, config_of, provider_yaml, running
+from tests.gateway.helpers import gatewayed
+from tests.helpers import Scrape
 from tests.standins import (
     Handler,
     StandIn,
@@ -27,19 +26,6 @@ from tests.standins import (
     openai_routes,
     sse_chat,
 )
-
-
-@asynccontextmanager
-async def gatewayed(
-    url: str, kind: str = "openai", gateway: str = "", **extra: Any
-) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
-    """An exporter whose provider "p" at url has a gateway; a client of that gateway."""
-    listen = f"{{listen: '127.0.0.1:0'{', ' + gateway if gateway else ''}}}"
-    config = config_of(provider_yaml("p", kind, url, gateway=listen, **extra))
-    async with running(config) as exporter:
-        address = exporter.exporter.gateway.addresses["p"]
-        async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as client:
-            yield exporter, client
 
 
 def echo() -> Handler:

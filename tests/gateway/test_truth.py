@@ -9,55 +9,21 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from llamacpp_server import LlamaCppServer
-from tests.helpers import Running, Scrape, config_of, parse, provider_yaml, running
-
-LABELS = {"provider": "llama", "model": "tiny-llama"}
-
-
-@asynccontextmanager
-async def through_gateway(server: LlamaCppServer) -> AsyncIterator[tuple[Running, str]]:
-    """An exporter with a gateway in front of server; the gateway's base URL."""
-    gateway = "{listen: '127.0.0.1:0'}"
-    config = config_of(provider_yaml("llama", "llamacpp", server.url, gateway=gateway))
-    async with running(config) as exporter:
-        await exporter.scrape()  # the provider's models are known from here on
-        yield exporter, f"http://{exporter.exporter.gateway.addresses['llama']}"
-
-
-async def own_metrics(url: str) -> dict[str, float]:
-    """llama.cpp's own /metrics as {name: value}."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(f"{url}/metrics")).text
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-
-
-def tokens(scrape: Scrape, kind: str) -> float:
-    return sum(v for _, v in scrape.all("llm_gateway_tokens_total", type=kind, **LABELS))
-
-
-def chat_body(index: int, stream: bool, max_tokens: int = 6, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": "tiny-llama",
-        "messages": [{"role": "user", "content": f"Question {index}: what is {index} + 1?"}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-        "temperature": 0,
-        "seed": 7,
-        **extra,
-    }
+from tests.gateway.helpers import (
+    LABELS,
+    chat_body,
+    own_metrics,
+    requests_processing,
+    through_gateway,
+    tokens,
+)
+from tests.helpers import parse
 
 
 async def streamed_usage(response: httpx.Response) -> dict[str, int]:
@@ -194,16 +160,6 @@ async def test_time_to_first_token_lies_between_the_servers_prompt_time_and_the_
     assert count == 5 and ttft is not None
     prompt_seconds = sum(t["prompt_ms"] for t in timings) / 1000
     assert prompt_seconds <= ttft <= 5 * total
-
-
-@pytest.fixture
-def long_generation(long_context_model: Path) -> LlamaCppServer:
-    """A llama.cpp server (not started) with one slot and room for a long generation."""
-    return LlamaCppServer(long_context_model, parallel=1, ctx=8192)
-
-
-async def requests_processing(url: str) -> float:
-    return (await own_metrics(url)).get("llamacpp:requests_processing", -1)
 
 
 async def test_a_client_going_away_stops_the_generation(long_generation: LlamaCppServer) -> None:
