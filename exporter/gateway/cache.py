@@ -106,6 +106,9 @@ class ResponseCache:
         # The same entries in the order stored: with one ttl for all, also expiry order.
         self._by_age: OrderedDict[bytes, Entry] = OrderedDict()
         stats.max_entries, stats.max_bytes = config.max_entries, config.max_bytes
+        # Bytes of answers being read to be stored: at most max_bytes, so the answers on
+        # their way in cannot take more memory than the cache itself.
+        self.pending = 0
 
     @property
     def max_entry_bytes(self) -> int:
@@ -174,6 +177,18 @@ class ResponseCache:
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def keep(self, size: int) -> bool:
+        """Take size more bytes of an answer on its way in, to store it; False if answers on
+        their way in already take max_bytes."""
+        if self.pending + size > self.config.max_bytes:
+            return False
+        self.pending += size
+        return True
+
+    def unkeep(self, size: int) -> None:
+        """Give back bytes taken by keep (the answer is stored, or will not be)."""
+        self.pending -= size
 
     def storable(self, status: int, headers: Mapping[str, str], size: int) -> bool:
         """Whether an answer may be stored: a whole 200, not a stream, not personalised

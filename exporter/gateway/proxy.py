@@ -348,14 +348,17 @@ class Proxy:
                 self.queue.release(ticket, now)
             measurement = call.measurement(now)
             self.traffic.finished(measurement, in_flight=in_flight)
-        if call.kept is not None and call.outcome == COMPLETE:
-            self._store(call, measurement)
+            kept, call.kept = call.kept, None
+            if kept is not None:
+                assert self.cache is not None
+                self.cache.unkeep(len(kept))
+        if kept is not None and call.outcome == COMPLETE:
+            self._store(call, kept, measurement)
         return response
 
-    def _store(self, call: _Call, measurement: Measurement) -> None:
-        cache, plan, response, kept = self.cache, call.plan, call.response, call.kept
-        assert cache is not None and plan.key is not None
-        assert response is not None and kept is not None
+    def _store(self, call: _Call, kept: bytearray, measurement: Measurement) -> None:
+        cache, plan, response = self.cache, call.plan, call.response
+        assert cache is not None and plan.key is not None and response is not None
         if not cache.storable(response.status, response.headers, len(kept)):
             return
         cache.put(
@@ -553,8 +556,8 @@ class _Call:
             raise _ClientGone from None
         self.response, self.code = response, status_class(upstream.status)
         clock, content, now = self.proxy._clock, upstream.content, watchdog.loop.time
-        cache = self.proxy.cache
-        if self.plan.store and upstream.status == 200 and cache is not None:
+        cache = self.proxy.cache if self.plan.store and upstream.status == 200 else None
+        if cache is not None:
             self.kept = bytearray()
             limit = cache.max_entry_bytes
         while True:
@@ -568,10 +571,12 @@ class _Call:
                 raise _ClientGone from None
             if meter is not None and meter.format is not None:
                 meter.feed(chunk, clock())
-            if self.kept is not None:
-                self.kept += chunk
-                if len(self.kept) > limit:
-                    self.kept = None  # too large to store: pass it on only
+            if self.kept is not None and cache is not None:
+                if len(self.kept) + len(chunk) <= limit and cache.keep(len(chunk)):
+                    self.kept += chunk
+                else:  # too large to store, or too much being read to store: pass it on
+                    cache.unkeep(len(self.kept))
+                    self.kept = None
         watchdog.stop()
         if meter is not None:
             self.reading = meter.finish()

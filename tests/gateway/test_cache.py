@@ -306,3 +306,11 @@ async def test_a_partial_answer_is_never_cached() -> None:
         scrape = await exporter.scrape()
     assert upstream.hits["/v1/chat/completions"] == 2
     assert scrape.value("llm_gateway_cache_entries", provider="p") == 0
+
+
+def test_answers_on_their_way_in_take_at_most_max_bytes() -> None:
+    cache = cache_of(max_bytes=1000)
+    assert cache.keep(600)
+    assert not cache.keep(500), "two answers being read would hold 1,100 bytes"
+    cache.unkeep(600)
+    assert cache.keep(1000)
