@@ -51,7 +51,7 @@ def main() -> int:
     with LlamaCppServer(model, port=llama_port) as llama:
         config.write_text(
             "# Written by `make run`: the demo llama.cpp server, its process found by port,"
-            " probed every 15 s, with a measuring gateway in front of it.\n"
+            " probed every 15 s, with a measuring gateway (queue and cache on) in front of it.\n"
             "providers:\n"
             "  - name: demo-llama\n"
             "    kind: llamacpp\n"
@@ -62,6 +62,8 @@ def main() -> int:
             "      interval: 15s\n"
             "    gateway:\n"
             f"      listen: 127.0.0.1:{gateway_port}\n"
+            f"      queue: {{max_concurrent: {llama.parallel}}}  # the server's slots\n"
+            "      cache: {enabled: true}\n"
         )
         exporter = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--config.file", str(config),
@@ -88,8 +90,10 @@ def main() -> int:
                 f"config:           {config}\n"
                 "A chat completion is sent through the gateway every 10 s so the counters move."
                 " Ctrl-C stops.\n"
-                f"Try: curl {gateway}/v1/chat/completions -H 'Content-Type: application/json'"
-                """ -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}'\n""",
+                f"Try (twice: the second answer comes from the gateway's cache, X-Cache: HIT):\n"
+                f"  curl -i {gateway}/v1/chat/completions -H 'Content-Type: application/json'"
+                """ -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,"""
+                """ "temperature": 0}'\n""",
                 flush=True,
             )
             while exporter.poll() is None:
