@@ -44,16 +44,6 @@ class _Listener:
         self.address = address
         self.runner: web.ServerRunner | None = None
 
-    @property
-    def queue(self) -> AdmissionQueue | None:
-        """The admission queue, kept across reloads with the requests waiting in it."""
-        return self.proxy.queue
-
-    @property
-    def cache(self) -> ResponseCache | None:
-        """The response cache, kept across reloads while the provider's url stays."""
-        return self.proxy.cache
-
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.proxy.handle(request)
 

@@ -99,18 +99,22 @@ class AdmissionQueue:
             self.stats.add_waiting(ticket.priority, 1)
         return ticket
 
-    def release(self, ticket: Ticket, now: float) -> None:
-        """A dispatched request is done with its slot: the next waiting one gets it."""
+    def release(self, ticket: Ticket, now: float, *, served: bool = True) -> None:
+        """A dispatched request is done with its slot: the next waiting one gets it. Its
+        time at the provider counts towards the service rate if it was served there."""
         if ticket.state != DISPATCHED:
             return
         ticket.state = RELEASED
         self.stats.running -= 1
-        assert ticket.dispatched_at is not None
-        served = now - ticket.dispatched_at
-        average = self._service_seconds
-        average = served if average is None else average + SERVICE_TIME_WEIGHT * (served - average)
-        self._service_seconds = average
-        self.stats.service_rate = self.config.max_concurrent / average if average > 0 else None
+        if served:
+            assert ticket.dispatched_at is not None
+            seconds = now - ticket.dispatched_at
+            average = self._service_seconds
+            if average is not None:
+                seconds = average + SERVICE_TIME_WEIGHT * (seconds - average)
+            self._service_seconds = seconds
+            rate = self.config.max_concurrent / seconds if seconds > 0 else None
+            self.stats.service_rate = rate
         self._dispatch_next(now)
 
     def withdraw(self, ticket: Ticket, outcome: str, now: float) -> None:
@@ -158,7 +162,7 @@ class AdmissionQueue:
             await woken
         except asyncio.CancelledError:
             if ticket.state == DISPATCHED:  # dispatched as the client left: pass the slot on
-                self.release(ticket, clock())
+                self.release(ticket, clock(), served=False)
             else:
                 self.withdraw(ticket, CANCELLED, clock())
             raise
