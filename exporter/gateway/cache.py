@@ -133,20 +133,15 @@ class ResponseCache:
         method: str,
         path_qs: str,
         headers: MultiMapping[str],
-        body: bytes | None,
+        document: Any,
         operation: str,
     ) -> Plan:
         """Whether and under which key a generation or embedding request uses the cache.
-        body is None when it was too large to read whole."""
+        document: its body parsed as JSON (None if it is not JSON or too large to read
+        whole)."""
         directives = _directives(headers)
         if "no-store" in directives:
             return Plan(bypass=NO_CACHE)
-        document: Any = None
-        if body:
-            try:
-                document = json.loads(body)
-            except ValueError:
-                document = None
         if method != "POST" or not isinstance(document, dict):
             return Plan(bypass=BODY)
         path = path_qs.partition("?")[0]

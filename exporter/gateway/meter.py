@@ -77,16 +77,25 @@ def operation_of(path: str) -> str:
     return OPERATIONS.get(path.rstrip("/") or "/", OTHER_OPERATION)
 
 
-def model_in(body: bytes) -> str | None:
-    """The "model" of a JSON request body, or None."""
-    if not body or body[:1] not in b"{ \t\r\n":
+def request_document(body: bytes) -> Any:
+    """A request body parsed as JSON, or None if it is not JSON."""
+    if not body or body[:1] not in b"{[ \t\r\n":
         return None
     try:
-        document = json.loads(body)
+        return json.loads(body)
     except ValueError:  # UnicodeDecodeError included
         return None
+
+
+def model_of(document: Any) -> str | None:
+    """The "model" of a parsed JSON request body, or None."""
     model = document.get("model") if isinstance(document, dict) else None
     return model if isinstance(model, str) else None
+
+
+def model_in(body: bytes) -> str | None:
+    """The "model" of a JSON request body, or None."""
+    return model_of(request_document(body))
 
 
 class ModelScanner:

@@ -23,7 +23,16 @@ from ..client import KEEPALIVE_EXPIRY, ssl_context
 from ..config import ProviderConfig
 from ..logs import fields
 from .cache import BYPASS, HIT, MISS, Entry, Plan, ResponseCache
-from .meter import METERED, ModelScanner, Reading, ResponseMeter, Usage, model_in, operation_of
+from .meter import (
+    METERED,
+    ModelScanner,
+    Reading,
+    ResponseMeter,
+    Usage,
+    model_of,
+    operation_of,
+    request_document,
+)
 from .queue import AdmissionQueue, Rejected, Ticket, clamp_priority
 from .stats import (
     ABANDONED,
@@ -243,7 +252,8 @@ class Proxy:
         except (aiohttp.ClientError, ValueError) as exc:  # a malformed or broken request body
             log.debug("gateway: request body not read", extra=fields(error=type(exc).__name__))
             return error_response(request.path, 400, "llm-exporter gateway: bad request body")
-        requested = model_in(body) if scanner is None else scanner.model
+        document = request_document(body) if scanner is None else None  # parsed once
+        requested = model_of(document) if scanner is None else scanner.model
         model = self.traffic.models.label(requested) if requested else ""
         call = _Call(self, request, operation, model, started)
         metered = operation in METERED
@@ -252,7 +262,7 @@ class Proxy:
                 request.method,
                 request.rel_url.raw_path_qs,
                 request.headers,
-                None if scanner is not None else body,
+                document,
                 operation,
             )
             entry = self._cached(call)

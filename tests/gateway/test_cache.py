@@ -22,7 +22,7 @@ from exporter.gateway.cache import (
     STREAM,
     ResponseCache,
 )
-from exporter.gateway.meter import CHAT, EMBEDDINGS, GENERATE
+from exporter.gateway.meter import CHAT, EMBEDDINGS, GENERATE, request_document
 from exporter.gateway.stats import CacheStats
 from llamacpp_server import LlamaCppServer
 from tests.gateway.helpers import chat_body, gatewayed, own_metrics, through_gateway
@@ -45,7 +45,7 @@ def plan(
     headers: dict[str, str] | None = None,
 ) -> Any:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return cache.plan("POST", path, CIMultiDict(headers or {}), raw, operation)
+    return cache.plan("POST", path, CIMultiDict(headers or {}), request_document(raw), operation)
 
 
 def test_the_key_is_per_credential_and_ignores_key_order_and_spacing() -> None:
