@@ -60,11 +60,17 @@ UP_DOWN = ((1, "up"), (0, "down"))
 LOADED = ((1, "loaded"), (0, "on disk"))
 # Grafana has no token unit; a custom suffix shows "42.1 tokens/s".
 TOKENS_PER_SECOND = "suffix:tokens/s"
-# The gateway's requests that failed: the client got a 5xx, or the provider broke off its
+# Seconds of work per second of time (the provider's time the gateway's cache saved).
+SECONDS_PER_SECOND = "suffix:s/s"
+# The gateway's requests the error ratio judges, as LLMGatewayErrorRatioHigh does: not
+# those the client abandoned, nor those the gateway's queue turned away (its own 429 or
+# 503, not the provider's failure), nor those answered from its cache (the provider never
+# saw them).
+GATEWAY_JUDGED = 'outcome!~"abandoned|rejected|cached"'
+# Of those, the ones that failed: the client got a 5xx, or the provider broke off its
 # answer or gave none in time. Each a selector of llm_gateway_requests_total; a series
-# that is both (a 504 timeout) is counted once by `or`. Abandoned requests are left out.
-GATEWAY_FAILED = ('outcome!="abandoned", code="5xx"', 'outcome=~"upstream_failed|timeout"')
-GATEWAY_ANSWERED = 'outcome!="abandoned"'
+# that is both (a 504 timeout) is counted once by `or`.
+GATEWAY_FAILED = (f'{GATEWAY_JUDGED}, code="5xx"', 'outcome=~"upstream_failed|timeout"')
 # Clients the gateway could not name (no client_header, no client_keys) have client="".
 UNATTRIBUTED = "(unattributed)"
 
@@ -124,10 +130,13 @@ def heatmap_query(expr: str) -> prometheus.Dataquery:
     return query(expr, "{{le}}").format(PromQueryFormat.HEATMAP)
 
 
-def quantile(q: float, metric: str, by: str = "provider, model", matchers: str = "") -> str:
-    """histogram_quantile over a histogram's buckets, filtered by provider and model (and matchers)."""
+def quantile(
+    q: float, metric: str, by: str = "provider, model", matchers: str = "", base: str = PM
+) -> str:
+    """histogram_quantile over a histogram's buckets, filtered by provider and model (and
+    matchers); base=P for a histogram without a model label."""
     labels = f"{by}, le" if by else "le"
-    selector = f"{PM}, {matchers}" if matchers else PM
+    selector = f"{base}, {matchers}" if matchers else base
     return (
         f"histogram_quantile({q}, sum by ({labels}) (rate({metric}_bucket{{{selector}}}[{RATE}])))"
     )
@@ -807,10 +816,11 @@ def performance() -> builders.Dashboard:
 
 
 def traffic() -> builders.Dashboard:
-    """LLM Traffic: the real requests through the measuring gateway, per model and client."""
+    """LLM Traffic: the real requests through the measuring gateway, per model and client,
+    and its queue and cache."""
     per_model = "{{provider}}/{{model}}"
     requests = f"llm_gateway_requests_total{{{PM}}}"
-    answered = f"llm_gateway_requests_total{{{PM}, {GATEWAY_ANSWERED}}}"
+    judged = f"llm_gateway_requests_total{{{PM}, {GATEWAY_JUDGED}}}"
     stats = [
         stat_panel(
             "Gateway requests/s",
@@ -822,12 +832,14 @@ def traffic() -> builders.Dashboard:
         stat_panel(
             "Gateway error ratio",
             "Share of the requests through the gateways that failed: the client got a 5xx, or "
-            "the provider broke off its answer or gave none in time. Abandoned requests are "
-            "left out, 4xx are the clients' own. Orange where LLMGatewayErrorRatioHigh fires.",
+            "the provider broke off its answer or gave none in time. Left out: abandoned "
+            "requests, those the gateway's queue turned away and those answered from its cache "
+            "(the Queue and Cache rows show them); 4xx are the clients' own. Orange where "
+            "LLMGatewayErrorRatioHigh fires.",
             "percentunit",
             [
                 query(
-                    f"({gateway_failed('')} or vector(0)) / sum(rate({answered}[{RATE}]))",
+                    f"({gateway_failed('')} or vector(0)) / sum(rate({judged}[{RATE}]))",
                     "failed",
                 )
             ],
@@ -872,7 +884,8 @@ def traffic() -> builders.Dashboard:
         "llm-traffic",
         "LLM Traffic",
         "The real requests clients send through llm-exporter's measuring gateway: rates, "
-        "failures, latency, time to first token and tokens, per model and per client.",
+        "failures, latency, time to first token and tokens, per model and per client; its "
+        "admission queue and its response cache.",
     )
     for stat_builder in stats:
         dashboard = dashboard.with_panel(stat_builder)
@@ -899,7 +912,9 @@ def traffic() -> builders.Dashboard:
                 "How requests ended: complete (the provider's whole answer reached the client, "
                 "whatever its status), abandoned (the client went away first), upstream_failed "
                 "(the provider refused, reset or broke off its answer), timeout (no first byte, "
-                "or no next chunk, within the gateway's timeouts).",
+                "or no next chunk, within the gateway's timeouts), rejected (turned away by the "
+                "gateway's queue: 429 or 503 as configured), cached (answered from the gateway's "
+                "cache, without the provider).",
                 "reqps",
                 [
                     query(
@@ -913,14 +928,14 @@ def traffic() -> builders.Dashboard:
             series_panel(
                 "Failed and abandoned requests",
                 "Per model, the share of requests that failed (as in the error ratio: 5xx, "
-                "upstream_failed or timeout, of those not abandoned) and the share the clients "
-                "abandoned (of all).",
+                "upstream_failed or timeout, of those neither abandoned, rejected by the queue "
+                "nor answered from the cache) and the share the clients abandoned (of all).",
                 "percentunit",
                 [
                     query(
                         share(
                             gateway_failed("provider, model"),
-                            f"sum by (provider, model) (rate({answered}[{RATE}]))",
+                            f"sum by (provider, model) (rate({judged}[{RATE}]))",
                         ),
                         f"failed {per_model}",
                         ref="A",
@@ -958,7 +973,8 @@ def traffic() -> builders.Dashboard:
             series_panel(
                 "Time to first token",
                 "Percentiles of the time from a streamed request's arrival at the gateway to the "
-                "first chunk carrying generated output: what users wait before text appears.",
+                "first chunk carrying generated output, any wait in the gateway's queue included: "
+                "what users wait before text appears.",
                 "s",
                 quantiles("llm_gateway_time_to_first_token_seconds"),
             )
@@ -966,8 +982,9 @@ def traffic() -> builders.Dashboard:
         .with_panel(
             series_panel(
                 "Request duration",
-                "Percentiles of the duration of requests through the gateway, from arrival to "
-                "the answer's last byte (model listings and other requests left out).",
+                "Percentiles of the duration of the requests the gateway forwarded, from arrival "
+                "(any wait in its queue included) to the answer's last byte (model listings and "
+                "other requests left out; answers from the cache are not forwarded).",
                 "s",
                 quantiles("llm_gateway_request_duration_seconds", matchers='operation!="other"'),
             )
@@ -1035,9 +1052,10 @@ def traffic() -> builders.Dashboard:
         )
         .with_panel(
             series_panel(
-                "Prompt tokens from the cache",
+                "Prompt tokens from the provider's cache",
                 "Share of the input tokens of requests through the gateway that the provider "
-                "reused from its cache instead of evaluating.",
+                "reused from its own prompt cache instead of evaluating (the gateway's response "
+                "cache is the Cache row's).",
                 "percentunit",
                 [
                     query(
@@ -1132,6 +1150,269 @@ def traffic() -> builders.Dashboard:
                         "closed at max_connections {{provider}}",
                         ref="B",
                     ),
+                ],
+            )
+        )
+        .with_row(row("Queue"))
+        .with_panel(
+            series_panel(
+                "Requests waiting by priority",
+                "Requests waiting in each gateway's queue for a slot at the provider, by priority "
+                "(-10 to 10, higher first; 0 unless queue.priority_header or "
+                "queue.client_priorities say otherwise), and the room for them "
+                "(queue.max_waiting): past it requests are turned away, and "
+                "LLMGatewayQueueSaturated fires when every priority together has held 90% of it "
+                "for 5 minutes.",
+                "short",
+                [
+                    query(
+                        f"sum by (provider, priority) (llm_gateway_queue_waiting{{{P}}})",
+                        "{{provider}} priority {{priority}}",
+                        ref="A",
+                    ),
+                    query(
+                        f"sum by (provider) (llm_gateway_queue_max_waiting{{{P}}})",
+                        "max_waiting {{provider}}",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Slots in use",
+                "Requests the gateway's queue has let through that hold a slot at the provider, "
+                "against the slots (queue.max_concurrent, the provider's real parallelism). All "
+                "slots busy while requests wait: the provider is the bottleneck.",
+                "short",
+                [
+                    query(
+                        f"sum by (provider) (llm_gateway_queue_running{{{P}}})",
+                        "running {{provider}}",
+                        ref="A",
+                    ),
+                    query(
+                        f"sum by (provider) (llm_gateway_queue_max_concurrent{{{P}}})",
+                        "max_concurrent {{provider}}",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Service rate vs arrivals",
+                "Requests per second the provider finishes with every slot busy (estimated from "
+                "recent service times; the basis of Retry-After), against the requests per second "
+                "whose wait in the queue ended (let through, turned away or given up): arrivals "
+                "above the service rate fill the queue.",
+                "reqps",
+                [
+                    query(
+                        f"sum by (provider) (llm_gateway_queue_service_rate{{{P}}})",
+                        "service rate {{provider}}",
+                        ref="A",
+                    ),
+                    query(
+                        "sum by (provider)"
+                        f" (rate(llm_gateway_queue_wait_seconds_count{{{P}}}[{RATE}]))",
+                        "through the queue {{provider}}",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Queue wait by outcome",
+                "Median and 95th percentile time requests spent in the gateway's queue, by how "
+                "the wait ended: dispatched (got a slot; LLMGatewayQueueWaitHigh watches its p95), "
+                "rejected_full (turned away at once, the queue full), rejected_timeout (turned "
+                "away after queue.max_wait), cancelled (the client left first).",
+                "s",
+                [
+                    query(
+                        quantile(q, "llm_gateway_queue_wait_seconds", "provider, outcome", base=P),
+                        f"p{round(q * 100)} {{{{provider}}}} {{{{outcome}}}}",
+                        ref=ref,
+                    )
+                    for q, ref in ((0.5, "A"), (0.95, "B"))
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Rejections/s by reason",
+                "Requests per second the gateway's queue turned away, by reason: queue_full "
+                "(max_waiting were waiting), wait_timeout (no slot within max_wait). Their clients "
+                "got queue.overflow_status (429 or 503) with Retry-After. LLMGatewayRequestsRejected "
+                "fires when they keep coming for more than 5 minutes.",
+                "reqps",
+                [
+                    query(
+                        "sum by (provider, reason)"
+                        f" (rate(llm_gateway_queue_rejections_total{{{P}}}[{RATE}]))",
+                        "{{provider}} {{reason}}",
+                    )
+                ],
+                stacked=True,
+            )
+        )
+        .with_row(row("Cache"))
+        .with_panel(
+            series_panel(
+                "Cache hit ratio",
+                "Share of the eligible requests the gateway's cache answered: hits of hits and "
+                "misses. Requests that bypass the cache (streams, sampling, no-cache) are left out.",
+                "percentunit",
+                [
+                    query(
+                        share(
+                            "sum by (provider) (rate(llm_gateway_cache_lookups_total"
+                            f'{{{P}, result="hit"}}[{RATE}]))',
+                            "sum by (provider) (rate(llm_gateway_cache_lookups_total"
+                            f'{{{P}, result=~"hit|miss"}}[{RATE}]))',
+                        ),
+                        "{{provider}}",
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Cache lookups/s by result",
+                "Generation and embedding requests per second by what the cache did: hit "
+                "(answered from it), miss (forwarded, and stored if the answer may be), bypass "
+                "(not eligible).",
+                "reqps",
+                [
+                    query(
+                        "sum by (provider, result)"
+                        f" (rate(llm_gateway_cache_lookups_total{{{P}}}[{RATE}]))",
+                        "{{provider}} {{result}}",
+                    )
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Cache bypasses/s by reason",
+                "Requests per second that bypassed the cache, by reason: stream (a streamed answer "
+                "is new bytes every time), sampling (temperature above 0 without a seed; "
+                "cache.sampled stores those too), no_cache (the client sent Cache-Control "
+                "no-cache or no-store), body (not a JSON object, or too large to read whole). "
+                "0 while none.",
+                "reqps",
+                [
+                    query(
+                        "sum by (provider, reason)"
+                        f" (rate(llm_gateway_cache_bypasses_total{{{P}}}[{RATE}]))"
+                        " or on (provider) sum by (provider) (rate(llm_gateway_cache_lookups_total"
+                        f'{{{P}, result="bypass"}}[{RATE}])) * 0',
+                        "{{provider}} {{reason}}",
+                    )
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Cache entries",
+                "Answers in the gateway's cache, against cache.max_entries (past it the least "
+                "recently used go first).",
+                "short",
+                [
+                    query(
+                        f"sum by (provider) (llm_gateway_cache_entries{{{P}}})",
+                        "entries {{provider}}",
+                        ref="A",
+                    ),
+                    query(
+                        f"sum by (provider) (llm_gateway_cache_max_entries{{{P}}})",
+                        "max_entries {{provider}}",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Cache memory",
+                "Bytes the gateway's cache holds (answers, their headers and keys, and a fixed "
+                "cost per entry), against cache.max_bytes (past it the least recently used go "
+                "first).",
+                "bytes",
+                [
+                    query(
+                        f"sum by (provider) (llm_gateway_cache_bytes{{{P}}})",
+                        "bytes {{provider}}",
+                        ref="A",
+                    ),
+                    query(
+                        f"sum by (provider) (llm_gateway_cache_max_bytes{{{P}}})",
+                        "max_bytes {{provider}}",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Cache evictions/s by reason",
+                "Answers per second dropped from the cache, by reason: expired (older than "
+                "cache.ttl), max_entries and max_bytes (the least recently used, to make room: "
+                "frequent ones mean a cache too small for what repeats). 0 while none.",
+                "cps",
+                [
+                    query(
+                        "sum by (provider, reason)"
+                        f" (rate(llm_gateway_cache_evictions_total{{{P}}}[{RATE}]))"
+                        " or on (provider) sum by (provider)"
+                        f" (llm_gateway_cache_entries{{{P}}}) * 0",
+                        "{{provider}} {{reason}}",
+                    )
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Tokens/s saved by the cache",
+                "Tokens per second the provider did not have to process because the cache "
+                "answered, by type (input, output), as the stored answers' usage says.",
+                TOKENS_PER_SECOND,
+                [
+                    query(
+                        "sum by (provider, type)"
+                        f" (rate(llm_gateway_cache_saved_tokens_total{{{P}}}[{RATE}]))",
+                        "{{provider}} {{type}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Provider time saved by the cache",
+                "Seconds of the provider's time per second that the cache hits spared it: what "
+                "the provider took for the answers they repeated (1 s/s: one request's worth of "
+                "the provider busy all the time).",
+                SECONDS_PER_SECOND,
+                [
+                    query(
+                        "sum by (provider)"
+                        f" (rate(llm_gateway_cache_saved_seconds_total{{{P}}}[{RATE}]))",
+                        "{{provider}}",
+                    )
                 ],
             )
         )

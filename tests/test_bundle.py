@@ -3,8 +3,9 @@
 One module-scoped stack: llama.cpp's own server, stand-ins for what cannot run here
 (Ollama, a recorded vLLM, an OpenAI-compatible API, a GPU), the exporter scraping them
 with a measuring gateway in front of llama.cpp and Ollama (some real requests go through
-it), Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is 2 s),
-and Alertmanager with the bundle's routing, every receiver pointed at a webhook here.
+it; llama.cpp's gateway has a queue and a cache, Ollama's a queue that turns requests
+away), Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is
+2 s), and Alertmanager with the bundle's routing, every receiver pointed at a webhook here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +34,8 @@ from tests.helpers import config_of, provider_yaml
 from tests.standins import (
     StandIn,
     closed_port,
+    delayed,
+    json_reply,
     ollama_chat,
     ollama_routes,
     openai_routes,
@@ -46,6 +50,22 @@ DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 JOB = "llm-exporter"
 T = TypeVar("T")
 OLLAMA_MODEL = "mistral:latest"  # loaded, in the Ollama stand-in's /api/ps
+# Ollama's non-streamed /api/generate answer (docs/api.md shape), held this long: long
+# enough for another request to find its one queue slot taken.
+OLLAMA_GENERATE = {
+    "model": OLLAMA_MODEL,
+    "created_at": "2023-08-04T19:22:45.499127Z",
+    "response": "The sky is blue.",
+    "done": True,
+    "done_reason": "stop",
+    "total_duration": 5043500667,
+    "load_duration": 5025959,
+    "prompt_eval_count": 26,
+    "prompt_eval_duration": 325953000,
+    "eval_count": 5,
+    "eval_duration": 4709213000,
+}
+GENERATE_SECONDS = 2.0
 
 
 class Loop:
@@ -182,18 +202,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 ("The", " sky", "."), first_load_ns=3_000_000_000, later_load_ns=4_000_000
             )
             api_chat = sse_chat(("Hello", " there", "!"))
+            generate = delayed(GENERATE_SECONDS, json_reply(OLLAMA_GENERATE))
             for routes in (
-                ollama_routes(**{"/api/chat": chat}),
+                ollama_routes(**{"/api/chat": chat, "/api/generate": generate}),
                 vllm_routes(metrics="vllm_metrics_after.txt"),
                 openai_routes(**{"/v1/chat/completions": api_chat}),
             ):
                 standins.append(await StandIn(routes).start())
             ollama, vllm, api = standins
             probes = "{interval: 1s, jitter: 0, timeout: 1s, max_tokens: 8}"
-            gateway = "{listen: '127.0.0.1:0', client_header: X-Client}"
+            # llama.cpp's gateway: a queue at its two slots, and the cache. Ollama's: one slot
+            # and no room to wait, so a request that comes while another holds the slot is
+            # turned away, with 503 (a 5xx, which its error ratio must leave out).
+            local_gateway = (
+                "{listen: '127.0.0.1:0', client_header: X-Client,"
+                " queue: {max_concurrent: 2}, cache: {enabled: true}}"
+            )
+            ollama_gateway = (
+                "{listen: '127.0.0.1:0', client_header: X-Client,"
+                " queue: {max_concurrent: 1, max_waiting: 0, overflow_status: 503}}"
+            )
             config = config_of(
-                provider_yaml("local", "llamacpp", llama.url, probes=probes, process=f"{{port: {llama.port}}}", gateway=gateway),
-                provider_yaml("ollama", "ollama", ollama.url, probes=probes, gateway=gateway),
+                provider_yaml("local", "llamacpp", llama.url, probes=probes, process=f"{{port: {llama.port}}}", gateway=local_gateway),
+                provider_yaml("ollama", "ollama", ollama.url, probes=probes, gateway=ollama_gateway),
                 provider_yaml("vllm", "vllm", vllm.url),
                 provider_yaml("api", "openai", f"{api.url}/v1", probes="{interval: 1s, jitter: 0, timeout: 1s, models: [gpt-4o-mini]}"),
                 provider_yaml("gone", "ollama", f"http://127.0.0.1:{closed_port()}", timeout="1s"),
@@ -275,13 +306,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         # client) and not, Ollama's streamed /api/chat. Ollama counts nothing itself, so its
         # tokens and time to first token come from its gateway only. A gateway series is born
         # with its first request, which a rate therefore never sees: a first round, scraped,
-        # then the round the rate windows hold.
+        # then the round the rate windows hold. llama.cpp's cache: the streams and the
+        # sampling chat bypass it, a deterministic chat (temperature 0) asked twice a round is
+        # a miss and then hits. Ollama's queue: a slow /api/generate holds its one slot and
+        # the next is turned away.
         hi = [{"role": "user", "content": "Hi"}]
         chat = {"model": llama.alias, "messages": hi, "max_tokens": 8}
         streamed = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+        deterministic = {**chat, "temperature": 0}
+        generate = {"model": OLLAMA_MODEL, "prompt": "Why is the sky blue?", "stream": False}
+
+        def turned_away() -> None:
+            assert exporter is not None
+            queue = exporter.gateway.stats.providers["ollama"].queue
+            assert queue is not None
+            url = f"http://{gateways['ollama']}/api/generate"
+            with ThreadPoolExecutor(1) as pool:
+                holding = pool.submit(httpx.post, url, json=generate, timeout=30)
+                wait_for(lambda: queue.running == 1, "a request holding Ollama's slot", 10, 0.02)
+                answer = httpx.post(url, json=generate, timeout=30)
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["Retry-After"].isdigit()
+                holding.result(30).raise_for_status()
 
         def through_the_gateways() -> None:
-            for body, headers in ((streamed, {"X-Client": "bundle"}), (streamed, {}), (chat, {})):
+            for body, headers in (
+                (streamed, {"X-Client": "bundle"}),
+                (streamed, {}),
+                (chat, {}),
+                (deterministic, {}),
+                (deterministic, {}),
+            ):
                 httpx.post(
                     f"http://{gateways['local']}/v1/chat/completions",
                     json=body,
@@ -293,6 +348,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 json={"model": OLLAMA_MODEL, "messages": hi},
                 timeout=30,
             ).raise_for_status()
+            turned_away()
 
         through_the_gateways()
         wait_for(
@@ -522,6 +578,131 @@ def test_the_best_source_rules_pick_one_source_per_provider(stack: Stack) -> Non
     assert first_token["local"] == first_token["ollama"] == {"gateway"}
     assert first_token["api"] == {"probe"}
     assert "vllm" not in first_token
+
+
+def test_the_traffic_went_through_the_queues_and_the_cache(stack: Stack) -> None:
+    """What the dashboards' Queue and Cache rows show comes from real requests: llama.cpp's
+    cache missed the deterministic chat once and answered its three repeats, Ollama's
+    queue turned a request away in each round."""
+
+    def by(label: str, selector: str) -> dict[str, float]:
+        found = stack.query(f"sum by ({label}) ({selector})")
+        return {series["metric"][label]: float(series["value"][1]) for series in found}
+
+    lookups = by("result", 'llm_gateway_cache_lookups_total{provider="local"}')
+    assert (lookups["hit"], lookups["miss"]) == (3, 1)
+    bypasses = by("reason", 'llm_gateway_cache_bypasses_total{provider="local"}')
+    assert (bypasses["stream"], bypasses["sampling"]) == (4, 2)
+    rejections = by("reason", 'llm_gateway_queue_rejections_total{provider="ollama"}')
+    assert rejections == {"queue_full": 2, "wait_timeout": 0}
+    answered = by("outcome", 'llm_gateway_requests_total{provider=~"local|ollama"}')
+    assert (answered["cached"], answered["rejected"]) == (3, 2)
+
+
+def test_a_full_queue_fires_only_its_own_alert(stack: Stack) -> None:
+    """Ollama's gateway queue turned requests away with 503: the rules themselves (no
+    Alertmanager) raise LLMGatewayRequestsRejected, while LLMGatewayErrorRatioHigh leaves the
+    503s out and LLMHealthDegraded leaves /health's verdict on the queue to the queue alert."""
+    rejected = (
+        'ALERTS{alertname="LLMGatewayRequestsRejected", alertstate="firing", provider="ollama"}'
+    )
+    wait_for(lambda: stack.query(rejected), "LLMGatewayRequestsRejected firing for ollama", 30)
+    others = 'ALERTS{provider="ollama", alertname=~"LLMGatewayErrorRatioHigh|LLMHealthDegraded"}'
+    assert stack.query(f"count_over_time({others}[10m])") == []
+    # Both would have fired: /health called Ollama degraded, and the 503s are in the window.
+    degraded = 'llm_health_status{provider="ollama", component="provider", state="degraded"}'
+    assert stack.query(f"max_over_time({degraded}[10m]) == 1")
+    turned_away = 'llm_gateway_requests_total{provider="ollama", outcome="rejected", code="5xx"}'
+    assert stack.query(f"increase({turned_away}[10m]) > 0")
+
+
+# Pairs of alerts posted to the bundle's Alertmanager, each pair about a provider of its
+# own: whether the first mutes the second ("NAME/SOURCE" carries source="SOURCE", as
+# LLMTimeToFirstTokenHigh does). The pairs share job and instance, so a pair not muted
+# also shows that an alert about another provider mutes nothing.
+INHIBITIONS = (
+    # A full gateway queue, one cause: clients turned away say the most.
+    ("LLMGatewayRequestsRejected", "LLMGatewayQueueSaturated", True),
+    ("LLMGatewayRequestsRejected", "LLMGatewayQueueWaitHigh", True),
+    ("LLMGatewayRequestsRejected", "LLMTimeToFirstTokenHigh/gateway", True),
+    ("LLMGatewayRequestsRejected", "LLMHealthDegraded", True),
+    ("LLMGatewayRequestsRejected", "LLMTimeToFirstTokenHigh/probe", False),
+    ("LLMGatewayRequestsRejected", "LLMGatewayErrorRatioHigh", False),
+    ("LLMGatewayRequestsRejected", "LLMQueueBuildingUp", False),
+    ("LLMGatewayQueueSaturated", "LLMGatewayQueueWaitHigh", True),
+    ("LLMGatewayQueueSaturated", "LLMTimeToFirstTokenHigh/gateway", True),
+    ("LLMGatewayQueueSaturated", "LLMHealthDegraded", True),
+    ("LLMGatewayQueueSaturated", "LLMGatewayRequestsRejected", False),
+    ("LLMGatewayQueueSaturated", "LLMTimeToFirstTokenHigh/provider", False),
+    ("LLMGatewayQueueWaitHigh", "LLMTimeToFirstTokenHigh/gateway", True),
+    ("LLMGatewayQueueWaitHigh", "LLMGatewayQueueSaturated", False),
+    ("LLMGatewayQueueWaitHigh", "LLMHealthDegraded", False),
+    # A stalled provider holds the queue's slots.
+    ("LLMServingStalled", "LLMGatewayQueueSaturated", True),
+    ("LLMServingStalled", "LLMGatewayRequestsRejected", True),
+    ("LLMServingStalled", "LLMGatewayQueueWaitHigh", True),
+    # A provider that does not answer explains them all.
+    ("LLMProviderDown", "LLMGatewayRequestsRejected", True),
+)
+INHIBITED_INSTANCE = "inhibitions:9741"
+
+
+def posted_alert(provider: str, name: str) -> dict[str, Any]:
+    """An alert as Prometheus would send it for this provider (the rule's labels included)."""
+    alertname, _, source = name.partition("/")
+    labels = {
+        "alertname": alertname,
+        "severity": "warning",
+        "job": JOB,
+        "instance": INHIBITED_INSTANCE,
+        "provider": provider,
+    }
+    if source:
+        labels |= {"source": source, "model": "m"}
+    if alertname == "LLMHealthDegraded":
+        labels |= {"component": "provider", "state": "degraded"}
+    now = time.time()
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return {
+        "labels": labels,
+        "annotations": {"summary": "posted by the bundle test"},
+        "startsAt": time.strftime(stamp, time.gmtime(now - 60)),
+        "endsAt": time.strftime(stamp, time.gmtime(now + 600)),
+    }
+
+
+def test_alertmanager_ranks_the_queue_alerts(stack: Stack) -> None:
+    """The inhibitions of prometheus/alertmanager.yml in a real Alertmanager: a full gateway
+    queue is one cause, ranked; a stalled or stopped provider explains its queue."""
+    cases = {f"case{index}": case for index, case in enumerate(INHIBITIONS)}
+    alerts = [
+        posted_alert(provider, name)
+        for provider, (source, target, _) in cases.items()
+        for name in (source, target)
+    ]
+    httpx.post(f"{stack.alertmanager}/api/v2/alerts", json=alerts, timeout=10).raise_for_status()
+    expected = {(provider, target): mute for provider, (_, target, mute) in cases.items()}
+
+    def muted() -> dict[tuple[str, str], bool]:
+        found = httpx.get(
+            f"{stack.alertmanager}/api/v2/alerts",
+            params={"filter": f'instance="{INHIBITED_INSTANCE}"'},
+            timeout=10,
+        ).json()
+        states = {}
+        for alert in found:
+            labels = alert["labels"]
+            name = labels["alertname"] + (f"/{labels['source']}" if "source" in labels else "")
+            states[labels["provider"], name] = bool(alert["status"]["inhibitedBy"])
+        return states
+
+    def settled() -> dict[tuple[str, str], bool] | None:
+        states = muted()
+        return states if all(states.get(key) for key, mute in expected.items() if mute) else None
+
+    # The inhibitor learns of new alerts a moment after they arrive.
+    states = wait_for(settled, "the alerts to be muted, muted", 10)
+    assert {key: states.get(key) for key in expected} == expected
 
 
 def test_provider_down_alert_reaches_the_webhook(stack: Stack) -> None:

@@ -292,6 +292,24 @@ def test_every_coloured_stat_or_gauge_follows_an_alert_or_says_why_not() -> None
     assert coloured == set(generator.LEVELS) | set(OWN_COLOURS)
 
 
+def test_the_gateway_error_ratio_judges_the_requests_its_alert_judges() -> None:
+    """The stat and the panel count as failed what LLMGatewayErrorRatioHigh counts, and leave
+    out what it leaves out (abandoned, turned away by the queue, answered from the cache)."""
+    (expr,) = alert_expressions()["LLMGatewayErrorRatioHigh"]
+    assert expr.count(generator.GATEWAY_JUDGED) == 2, "the failed 5xx and the whole"
+    assert all(selector in expr for selector in generator.GATEWAY_FAILED), expr
+    # The stat, and the panel's failed share (its abandoned share is of all requests).
+    queries = [
+        query
+        for title, query in generator.panel_queries(DASHBOARDS["llm-traffic"])
+        if title in ("Gateway error ratio", "Failed and abandoned requests")
+    ]
+    assert len(queries) == 3
+    assert sum(generator.GATEWAY_JUDGED in query for query in queries) == 2
+    for query in queries:
+        assert 'outcome!="abandoned"' not in query, query
+
+
 def test_providers_up_is_red_at_zero_and_green_above() -> None:
     (panel,) = [p for p in panels(DASHBOARDS["llm-overview"]) if p["title"] == "Providers up"]
     assert threshold_steps(panel) == [(0, "red"), (1, "green")]
