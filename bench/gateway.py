@@ -1,4 +1,5 @@
-"""Gateway benchmark: what the exporter's measuring gateway adds to every request it relays.
+"""Gateway benchmark: what the exporter's measuring gateway adds to every request it relays,
+what its admission queue and response cache cost, and what a full cache holds in memory.
 
 Run as `python bench/gateway.py [--quick] [--litellm | --no-litellm]`. Every server is a
 process of its own on 127.0.0.1 (free ports), in a process group of its own, stopped at the end:
@@ -6,7 +7,8 @@ process of its own on 127.0.0.1 (free ports), in a process group of its own, sto
 - the upstream: a stand-in of an OpenAI-compatible server on a raw asyncio protocol, so that
   it costs little: POST /v1/chat/completions answers a fixed small chat completion with a
   `usage` object, or, when the body says "stream": true, 64 SSE chunks 5 ms apart (chunked
-  transfer encoding, the first at once), then a chunk with `usage` and `data: [DONE]`;
+  transfer encoding, the first at once), then a chunk with `usage` and `data: [DONE]`, or,
+  when the body says "pad": N, a chat completion whose content is N bytes long;
   GET /v1/models answers one model, for the exporter's own health checks;
 - the floor: a bare aiohttp pass-through proxy in this file (low-level web.Server and one
   ClientSession: method, path, headers less hop-by-hop ones, body; the answer relayed with
@@ -14,6 +16,18 @@ process of its own on 127.0.0.1 (free ports), in a process group of its own, sto
 - the gateway: `python -m exporter` with one `openai` provider whose `gateway.listen` relays
   to the upstream, metrics on; and a second exporter without a gateway, idle, whose RSS is
   the reference for what the gateway adds;
+- "gateway+queue": the same exporter with `gateway.queue: {max_concurrent: 64}`, a queue
+  that 16 connections never fill: what admitting every request costs when nobody waits;
+  and "gateway again", configured as the gateway, whose difference from it is the noise
+  between two processes that do the same work (both without streams);
+- "gateway+cache": the same exporter with `gateway.cache: {enabled: true, ttl: 1h}`. Every
+  request of the bench is deterministic ("temperature": 0), so after the first one each plain
+  request is a cache hit (the replies' X-Cache header and the exporter's
+  llm_gateway_cache_lookups_total say how many were); it gets no streams, which the cache
+  never stores;
+- "answer floor": a bare aiohttp server in this file that reads each request's body and
+  answers the upstream's small chat completion from memory, the least an aiohttp server
+  costs to answer without going upstream: the floor of a cache hit (plain requests only);
 - "+uvloop": the floor and the gateway again on uvloop's loop (the gateway through a `-c`
   wrapper that calls uvloop.install() before exporter.cli.main), uvloop from .venv, or
   installed once with `pip install --target .cache/bench/uvloop`;
@@ -33,10 +47,26 @@ over one stream's length, as under steady load, not started in one burst); round
 so that noise on the shared machine hits all alike. Each batch starts with untimed warm-up
 requests. Latency is timed here per request, to the last byte, and for streams also to the
 first body byte; "added" is a proxy's percentile minus the direct one. Requests per second
-are those at 16 connections; CPU per request is the proxy's user plus system time
-(/proc/PID/stat) over the timed requests; RSS is VmRSS (/proc/PID/status) after the runs.
-Every proxy's bodies are compared with the upstream's, and the gateway's
-llm_gateway_requests_total with the requests sent to it.
+are those at 16 connections; CPU per request is the proxy's CPU time over the timed requests
+(every thread's time on a CPU, to the nanosecond, from /proc/PID/task/*/schedstat; user plus
+system time from /proc/PID/stat, to the clock tick, where the kernel keeps no schedstat);
+RSS is VmRSS (/proc/PID/status) after the runs. Every proxy's bodies are compared with the
+upstream's, and each gateway's llm_gateway_requests_total with the requests sent to it.
+The queue's cost is gateway+queue's latency and CPU per request minus the gateway's, pooled
+over the rounds and round by round (both ran in every round, side by side); the noise of such
+a pooled difference is two standard errors of gateway again's round-by-round differences from
+the gateway, and a verdict is "unclear" when that noise exceeds the aim itself. The direct
+contender's requests per second at c=16 bound what the load generator can send: it then
+shares its core with the upstream, so alone it sends at least that many.
+
+After the rounds, one more exporter, its cache bounded to 16 MiB (`max_bytes: 16MiB`), is
+filled several times over (four passes, `--quick`: two) with distinct deterministic requests
+whose answers are 16 to 64 KiB ("pad"), from 16 connections; its RSS after a warm-up and
+after each pass, and its llm_gateway_cache_bytes, _entries and _evictions_total, show what
+a cache full to its bound costs in memory. Last, alone on the proxies' core, a child process
+times the queue's and the cache's own work without any HTTP: an uncontended admission (admit,
+then release) and a hit (the key from the canonical JSON body, the lookup, the answer), each
+the best of five runs of 20,000.
 """
 
 from __future__ import annotations
@@ -56,7 +86,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -102,6 +132,27 @@ AIM_RPS = 4000.0
 AIM_CPU_RATIO = 1.3
 AIM_TTFB_MS = 0.5
 AIM_RSS_MB = 60.0
+# The admission queue, uncontended: at most this much more per request than without it.
+AIM_QUEUE_US = 20.0
+# A cache hit: answered within this at c=1 (p50), and this many per second on one core.
+AIM_HIT_P50_MS = 0.3
+AIM_HIT_RPS = 8000.0
+# A cache filled past max_bytes: RSS grows by at most max_bytes plus this.
+FILL_MAX_BYTES = 16 * 2**20
+AIM_FILL_OVERHEAD_MIB = 20.0
+# The answers that fill it: content sizes from 16 to 64 KiB.
+FILL_MIN_PAD, FILL_MAX_PAD = 16 * 1024, 64 * 1024
+FILL_WARMUPS = 64
+# The contenders' gateway settings (lines under `gateway:`): a queue that 16 connections never
+# fill, and a cache whose one entry outlives the run.
+QUEUE_SETTINGS = ("queue:", "  max_concurrent: 64")
+CACHE_SETTINGS = ("cache:", "  enabled: true", "  ttl: 1h")
+FILL_SETTINGS = (
+    "cache:",
+    "  enabled: true",
+    "  ttl: 1h",
+    f"  max_bytes: {FILL_MAX_BYTES >> 20}MiB",
+)
 
 
 @dataclass(frozen=True)
@@ -115,13 +166,28 @@ class Plan:
     budget: float
     stream_budget: float
     litellm: bool
+    fill_passes: int  # how many times over the bounded cache is filled
 
 
 FULL = Plan(
-    rounds=5, single=600, many=3000, streams=64, budget=5.0, stream_budget=6.0, litellm=True
+    rounds=5,
+    single=600,
+    many=3000,
+    streams=64,
+    budget=5.0,
+    stream_budget=6.0,
+    litellm=True,
+    fill_passes=4,
 )
 QUICK = Plan(
-    rounds=3, single=200, many=800, streams=32, budget=2.0, stream_budget=3.0, litellm=False
+    rounds=3,
+    single=200,
+    many=800,
+    streams=32,
+    budget=2.0,
+    stream_budget=3.0,
+    litellm=False,
+    fill_passes=2,
 )
 # LiteLLM answers ~65 requests a second here: it gets this share of the counts.
 SLOW_SHARE = 0.05
@@ -164,6 +230,19 @@ MODELS = _answer(
     "application/json",
     _json({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}),
 )
+
+
+def padded(size: int) -> bytes:
+    """A chat completion whose content is size bytes long."""
+    return _answer(
+        "200 OK",
+        "application/json",
+        _json({**BASE, "object": "chat.completion", "usage": {**USAGE, "completion_tokens": 9,
+               "total_tokens": 18}, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+               "role": "assistant", "content": "x" * size}}]}),
+    )  # fmt: skip
+
+
 NOT_FOUND = _answer("404 Not Found", "application/json", b'{"error":"not found"}')
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -226,9 +305,12 @@ class _Upstream(asyncio.Protocol):
             self.buffer = self.buffer[end + 4 + length :]
             method, path = lines[0].split(" ")[:2]
             if method == "POST" and path.startswith("/v1/chat/completions"):
-                if json.loads(body or b"{}").get("stream"):
+                document = json.loads(body or b"{}")
+                if document.get("stream"):
                     self.transport.write(STREAM_HEAD + EVENTS[0])
                     self._stream(1, asyncio.get_running_loop().time())
+                elif document.get("pad"):
+                    self.transport.write(padded(int(document["pad"])))
                 else:
                     self.transport.write(COMPLETION)
             elif method == "GET" and path.startswith("/v1/models"):
@@ -270,6 +352,87 @@ async def _serve_until_stopped(ports: list[int]) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(json.dumps(ports), flush=True)
     await stop.wait()
+
+
+# --- the queue's and the cache's own work, in one process ---------------------------------------
+
+
+COMPONENT_REPEATS = 5
+COMPONENT_COUNT = 20000
+
+
+def _component_costs(cpu: int) -> None:
+    """Print, as JSON, the CPU microseconds per request of the admission queue's work for an
+    uncontended request (admit, then release) and of the cache's own work for a hit (plan:
+    canonical JSON and key; lookup; the answer), each the best of COMPONENT_REPEATS runs."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from exporter.config import CacheConfig, QueueConfig
+    from exporter.gateway.cache import ResponseCache
+    from exporter.gateway.meter import operation_of, request_document
+    from exporter.gateway.queue import AdmissionQueue
+    from exporter.gateway.stats import CacheStats, QueueStats
+
+    if cpu >= 0:
+        os.sched_setaffinity(0, {cpu})
+
+    async def admission() -> float:
+        queue = AdmissionQueue(QueueConfig(max_concurrent=64), QueueStats())
+        loop, clock = asyncio.get_running_loop(), time.perf_counter
+        priorities = queue.config.client_priorities  # what a request without a priority gets
+        started = time.process_time()
+        for _ in range(COMPONENT_COUNT):
+            ticket = await queue.admit(priorities.get("", 0), clock=clock, loop=loop)
+            queue.release(ticket, clock())
+        return (time.process_time() - started) / COMPONENT_COUNT * 1e6
+
+    def hit() -> float:
+        cache = ResponseCache(CacheConfig(enabled=True, ttl=3600.0), CacheStats())
+        head, _, body = request_bytes(0, False).partition(b"\r\n\r\n")
+        fields = (line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+        headers = CIMultiDictProxy(CIMultiDict((name, value) for name, value in fields))
+        path = "/v1/chat/completions"
+        operation, now = operation_of(path), time.perf_counter()
+        plan = cache.plan("POST", path, headers, request_document(body), operation)
+        assert plan.key is not None
+        answer_headers = CIMultiDict({"Content-Type": "application/json"})
+        answer = COMPLETION.partition(b"\r\n\r\n")[2]
+        cache.put(plan.key, 200, "OK", answer_headers, answer, now=now)
+        started = time.process_time()
+        for _ in range(COMPONENT_COUNT):
+            plan = cache.plan("POST", path, headers, request_document(body), operation)
+            assert plan.key is not None
+            entry = cache.get(plan.key, now)
+            assert entry is not None
+            cache.answer(entry, now)
+        return (time.process_time() - started) / COMPONENT_COUNT * 1e6
+
+    costs = {
+        "admission_us": min(asyncio.run(admission()) for _ in range(COMPONENT_REPEATS)),
+        "hit_us": min(hit() for _ in range(COMPONENT_REPEATS)),
+    }
+    print(json.dumps(costs), flush=True)
+
+
+def component_costs(proxy_cores: set[int] | None) -> dict[str, float]:
+    """The queue's and the cache's own work per request, timed in a child on the proxy core;
+    empty, with a note, if that fails."""
+    cpu = min(proxy_cores) if proxy_cores else -1
+    command = [sys.executable, str(Path(__file__).resolve()), "--component-costs", str(cpu)]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        costs: dict[str, float] = json.loads(done.stdout)
+        return costs
+    except (subprocess.SubprocessError, ValueError) as exc:
+        print(f"  NOTE the queue's and the cache's own work not timed: {exc!r}")
+        return {}
 
 
 # --- the floor: a bare aiohttp pass-through proxy ----------------------------------------------
@@ -316,6 +479,26 @@ async def _serve_floor(upstream: int) -> None:
     listener.close()
     await server.shutdown(1.0)
     await session.close()
+
+
+async def _serve_answer() -> None:
+    """Answer every request with the upstream's small chat completion, from memory, after
+    reading its body: the least an aiohttp server costs to answer without going upstream."""
+    from aiohttp import web
+
+    body = COMPLETION.partition(b"\r\n\r\n")[2]
+    content_type = "application/json"
+
+    async def answer(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    server = web.Server(answer, access_log=None)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", 0, backlog=512)
+    await _serve_until_stopped([listener.sockets[0].getsockname()[1]])
+    listener.close()
+    await server.shutdown(1.0)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -402,12 +585,28 @@ def pin(leader: int, cores: set[int] | None) -> None:
                 os.sched_setaffinity(int(task.name), cores)
 
 
+# Whether the kernel keeps each task's time on a CPU in nanoseconds (CONFIG_SCHED_INFO).
+SCHEDSTAT = Path("/proc/self/schedstat").exists()
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process: its threads' time on a CPU to the nanosecond where the kernel
+    keeps it, else user plus system time to the clock tick."""
+    if not SCHEDSTAT:
+        return cpu_seconds(pid)
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with suppress(OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def group_cpu(leader: int) -> float:
-    """CPU seconds, user plus system, of leader's process group."""
+    """CPU seconds of leader's process group."""
     total = 0.0
     for pid in group_pids(leader):
         with suppress(OSError):
-            total += cpu_seconds(pid)
+            total += process_cpu(pid)
     return total
 
 
@@ -497,6 +696,7 @@ class Reply:
     first: float = 0.0
     end: float = 0.0
     close: bool = False
+    cache: str = ""  # the X-Cache header, lower case: "hit" when the gateway's cache answered
 
 
 class _Client(asyncio.Protocol):
@@ -561,6 +761,8 @@ class _Client(asyncio.Protocol):
                 self.chunked = "chunked" in value
             elif name == "connection":
                 self.reply.close = value == "close"
+            elif name == "x-cache":
+                self.reply.cache = value
         self.body_at = end + 4
         return True
 
@@ -603,11 +805,19 @@ class _Client(asyncio.Protocol):
             self.waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
 
 
-def request_bytes(port: int, stream: bool) -> bytes:
-    """An OpenAI chat completion request, as a client sends it."""
-    body = _json(
-        {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "stream": stream}
-    )
+def request_bytes(port: int, stream: bool, content: str = "Say hello.", pad: int = 0) -> bytes:
+    """An OpenAI chat completion request, as a client sends it: deterministic (temperature 0),
+    so that a gateway's cache may answer it when it is not streamed; pad asks the upstream
+    for an answer with that many bytes of content."""
+    document: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "stream": stream,
+    }
+    if pad:
+        document["pad"] = pad
+    body = _json(document)
     return (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -634,6 +844,15 @@ class Batch:
     wall: float = 0.0
     cpu: float = 0.0
     load_cpu: float = 0.0
+    hits: int = 0  # timed replies with X-Cache: HIT
+
+    def cpu_us(self) -> float:
+        """The proxy's CPU microseconds per timed request that succeeded."""
+        return self.cpu / len(self.latencies) * 1e6 if self.latencies else NAN
+
+    def p50_us(self) -> float:
+        """The median latency in microseconds."""
+        return pct(self.latencies, 50) * 1000
 
 
 async def _connect(port: int) -> _Client:
@@ -691,6 +910,7 @@ class _Load:
                 continue
             batch.latencies.append(reply.end - started)
             batch.firsts.append(reply.first - started)
+            batch.hits += reply.cache == "hit"
 
     async def run(self, count: int, budget: float, proxy: int | None, upstream: int) -> None:
         """Connect and warm up, then time count requests within budget seconds."""
@@ -740,15 +960,54 @@ async def run_batch(
     return batch
 
 
-async def fetch_once(port: int, stream: bool) -> bytes:
-    """The body of one request on a fresh connection."""
+async def fetch_once(port: int, stream: bool) -> Reply:
+    """One request on a fresh connection: its reply, body empty unless the status was 200."""
     client = await _connect(port)
     try:
         reply = await asyncio.wait_for(client.send(request_bytes(port, stream)), REQUEST_TIMEOUT)
-        return reply.body if reply.status == 200 else b""
+        if reply.status != 200:
+            reply.body = b""
+        return reply
     finally:
         if client.transport is not None:
             client.transport.close()
+
+
+async def send_all(port: int, requests: list[bytes], concurrency: int) -> Batch:
+    """Every request, in order, over concurrency connections; what came back."""
+    batch = Batch()
+    pending = iter(requests)
+    clients = [await _connect(port) for _ in range(concurrency)]
+
+    async def worker(index: int) -> None:
+        for request in pending:
+            started = time.perf_counter()
+            client = clients[index]
+            try:
+                if client.transport is None or client.transport.is_closing():
+                    client = clients[index] = await _connect(port)
+                batch.sent += 1
+                reply = await asyncio.wait_for(client.send(request), REQUEST_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                batch.errors += 1
+                batch.error = batch.error or repr(exc)
+                continue
+            if not good(reply, False):
+                batch.errors += 1
+                batch.error = batch.error or f"status {reply.status}: {reply.body[:120]!r}"
+                continue
+            batch.latencies.append(reply.end - started)
+            batch.hits += reply.cache == "hit"
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    finally:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.close()
+    batch.wall = time.perf_counter() - started
+    return batch
 
 
 # --- contenders --------------------------------------------------------------------------------
@@ -768,11 +1027,15 @@ class Contender:
     pid: int | None
     share: float = 1.0
     floor: str = ""
+    # "queue" or "cache" for the gateways with one; "" for the others.
+    role: str = ""
+    phases: tuple[str, ...] = PHASES
     batches: dict[str, list[Batch]] = field(default_factory=lambda: {p: [] for p in PHASES})
     metrics_port: int | None = None
     rss: int = 0
     identical: str = ""
     counted: str = ""
+    series: dict[str, float] = field(default_factory=dict)  # its /metrics after the rounds
 
     def values(self, phase: str, first: bool = False) -> list[float]:
         """Every timed latency (or time to first byte) of a phase, in seconds."""
@@ -796,6 +1059,16 @@ class Contender:
         wall = self.total(PHASES[1], "wall")
         return self.requests(PHASES[1]) / wall if wall else NAN
 
+    def core_share(self, phase: str = PHASES[1]) -> float:
+        """The share of a core the proxy used during a phase's batches."""
+        wall = self.total(phase, "wall")
+        return self.total(phase, "cpu") / wall if wall and self.pid else NAN
+
+    def load_share(self, phase: str = PHASES[1]) -> float:
+        """The share of a core this process and the upstream used during a phase's batches."""
+        wall = self.total(phase, "wall")
+        return self.total(phase, "load_cpu") / wall if wall else NAN
+
 
 def pct(values: list[float], q: int) -> float:
     """The q-th percentile of values in seconds, in milliseconds."""
@@ -804,8 +1077,11 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
 
 
-def exporter_config(path: Path, upstream: int, gateway: int | None) -> None:
-    """An exporter configuration with one openai provider, relayed by a gateway if a port."""
+def exporter_config(
+    path: Path, upstream: int, gateway: int | None, settings: Sequence[str] = ()
+) -> None:
+    """An exporter configuration with one openai provider, relayed by a gateway if a port,
+    with settings (YAML lines) under `gateway:`."""
     lines = [
         "providers:",
         "  - name: up",
@@ -814,6 +1090,7 @@ def exporter_config(path: Path, upstream: int, gateway: int | None) -> None:
     ]
     if gateway is not None:
         lines += ["    gateway:", f"      listen: 127.0.0.1:{gateway}"]
+        lines += [f"      {line}" for line in settings]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -824,12 +1101,19 @@ UVLOOP_MAIN = (
 
 
 def start_exporter(
-    procs: Group, workdir: Path, name: str, upstream: int, gateway: bool, uvloop: list[str] | None
+    procs: Group,
+    workdir: Path,
+    name: str,
+    upstream: int,
+    gateway: bool,
+    uvloop: list[str] | None,
+    settings: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], int, int | None]:
-    """Start an exporter (on uvloop if paths are given) and wait until it is ready."""
+    """Start an exporter (on uvloop if paths are given; its gateway with settings) and wait
+    until it is ready."""
     config, log = workdir / f"{name}.yml", workdir / f"{name}.log"
     listen = free_port() if gateway else None
-    exporter_config(config, upstream, listen)
+    exporter_config(config, upstream, listen, settings)
     port = free_port()
     entry = ["-m", "exporter"] if uvloop is None else ["-c", UVLOOP_MAIN]
     with log.open("w") as err:
@@ -874,12 +1158,20 @@ def start_gateways(
         print(f"  NOTE gateway skipped: the exporter rejects a gateway configuration: {problem}")
         return [], None, None
     found = []
-    variants: list[tuple[str, list[str] | None, str]] = [("gateway", None, "floor")]
+    # name, PYTHONPATH for uvloop, its floor, role, its gateway settings
+    variants: list[tuple[str, list[str] | None, str, str, Sequence[str]]] = [
+        ("gateway", None, "floor", "", ()),
+        ("gateway+queue", None, "floor", "queue", QUEUE_SETTINGS),
+        ("gateway again", None, "floor", "twin", ()),
+        ("gateway+cache", None, "answer floor", "cache", CACHE_SETTINGS),
+    ]
     if uvloop is not None:
-        variants.append(("gateway+uvloop", uvloop, "floor+uvloop"))
-    for name, paths, floor in variants:
+        variants.append(("gateway+uvloop", uvloop, "floor+uvloop", "", ()))
+    for name, paths, floor, role, settings in variants:
         try:
-            proc, port, listen = start_exporter(procs, workdir, name, upstream, True, paths)
+            proc, port, listen = start_exporter(
+                procs, workdir, name, upstream, True, paths, settings
+            )
         except RuntimeError as exc:
             print(f"  NOTE {name} skipped: {' '.join(str(exc).split())[:400]}")
             continue
@@ -892,7 +1184,20 @@ def start_gateways(
             procs.stop(proc)
             continue
         pin(proc.pid, proxy_cores)
-        found.append(Contender(name, listen, proc.pid, floor=floor, metrics_port=port))
+        # Streams bypass the cache: through gateway+cache they would measure the gateway again;
+        # the twin is there for the queue's aim, which concerns plain requests.
+        phases = PHASES[:2] if role in ("cache", "twin") else PHASES
+        found.append(
+            Contender(
+                name,
+                listen,
+                proc.pid,
+                floor=floor,
+                role=role,
+                phases=phases,
+                metrics_port=port,
+            )
+        )
     reference: subprocess.Popen[str] | None = None
     reference_port = None
     if found:
@@ -920,6 +1225,11 @@ def start_floors(
         (port,) = read_ports(proc)
         pin(proc.pid, proxy_cores)
         floors.append(Contender(name, port, proc.pid))
+    # The floor of a cache hit: plain requests only, like gateway+cache.
+    proc = procs.start([str(Path(__file__).resolve()), "--serve-answer"])
+    (port,) = read_ports(proc)
+    pin(proc.pid, proxy_cores)
+    floors.append(Contender("answer floor", port, proc.pid, role="answer", phases=PHASES[:2]))
     return floors
 
 
@@ -962,19 +1272,26 @@ def start_litellm(
 
 
 async def check_bodies(contenders: list[Contender]) -> None:
-    """Whether each proxy relays the upstream's bodies unchanged, plain and streamed."""
+    """Whether each proxy relays the upstream's bodies unchanged, plain and streamed; and
+    whether a cache answers a repeated request with the same body, marked as a hit."""
     direct = contenders[0]
-    expected = [await fetch_once(direct.port, stream) for stream in (False, True)]
+    plain, streamed = [(await fetch_once(direct.port, stream)).body for stream in (False, True)]
     for contender in contenders[1:]:
+        checks = [("plain", False, plain), ("stream", True, streamed)]
+        if contender.role == "cache":
+            checks = [("plain", False, plain), ("plain again", False, plain)]
+        elif contender.role == "answer":
+            checks = [("plain", False, plain)]
         got = []
-        for stream, body in zip((False, True), expected, strict=True):
+        for label, stream, body in checks:
             try:
-                got.append(
-                    "same" if await fetch_once(contender.port, stream) == body else "differs"
-                )
+                reply = await fetch_once(contender.port, stream)
             except (OSError, TimeoutError) as exc:
-                got.append(f"failed ({exc!r})")
-        contender.identical = f"plain {got[0]}, stream {got[1]}"
+                got.append(f"{label} failed ({exc!r})")
+                continue
+            hit = f" (X-Cache: {reply.cache or 'none'})" if contender.role == "cache" else ""
+            got.append(f"{label} {'same' if reply.body == body else 'differs'}{hit}")
+        contender.identical = ", ".join(got)
 
 
 async def measure(contenders: list[Contender], plan: Plan, upstream_pid: int) -> None:
@@ -988,6 +1305,8 @@ async def measure(contenders: list[Contender], plan: Plan, upstream_pid: int) ->
             stream = phase == "stream"
             concurrency = 1 if phase == PHASES[0] else CONCURRENCY
             for contender in order:
+                if phase not in contender.phases:
+                    continue
                 count = max(concurrency, int(sizes[phase] * contender.share))
                 budget = plan.stream_budget if stream else plan.budget
                 batch = await run_batch(
@@ -1012,31 +1331,126 @@ def _rotate(items: list[Contender], by: int) -> list[Contender]:
     return items[by:] + items[:by]
 
 
+def scrape_series(port: int) -> tuple[int, dict[str, float]]:
+    """An exporter's /metrics: its status, and each series (name{labels}) with its value."""
+    status, body = get(port, "/metrics", PLAIN_HEADERS)
+    series = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with suppress(ValueError):
+                series[name] = float(value)
+    return status, series
+
+
+def metric(series: dict[str, float], name: str, label: str = "") -> float:
+    """The sum of a metric's series, those with label (as name="value") only if given."""
+    return sum(
+        value
+        for key, value in series.items()
+        if key.partition("{")[0] == name and (not label or label in key)
+    )
+
+
 def read_counted(contender: Contender) -> None:
     """What the exporter's llm_gateway_requests_total says it relayed, against what was sent."""
     # Every request of every batch, warm-ups included, and the two of check_bodies.
     sent = sum(b.sent for phase in PHASES for b in contender.batches[phase]) + 2
     assert contender.metrics_port is not None
     try:
-        status, body = get(contender.metrics_port, "/metrics", PLAIN_HEADERS)
+        status, contender.series = scrape_series(contender.metrics_port)
     except OSError as exc:
         contender.counted = f"/metrics failed: {exc!r}"
         return
-    total = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in body.decode().splitlines()
-        if line.startswith(("llm_gateway_requests_total{", "llm_gateway_requests_total "))
-    )
+    total = metric(contender.series, "llm_gateway_requests_total")
     contender.counted = (
         f"/metrics (status {status}): llm_gateway_requests_total {total:.0f}; sent {sent}"
     )
 
 
-def run(plan: Plan, cores: tuple[set[int], set[int]] | None) -> tuple[list[Contender], int]:
-    """Start every contender, measure them all, read their memory, stop everything."""
+@dataclass
+class FillPass:
+    """One pass of filling the bounded cache: what was sent, and what the exporter held after."""
+
+    answers: int
+    content_bytes: int  # the answers' content, as asked for
+    batch: Batch
+    rss: int
+    series: dict[str, float]
+
+
+@dataclass
+class Fill:
+    """The exporter whose cache was filled past its bound, and what it held."""
+
+    max_bytes: int = FILL_MAX_BYTES
+    warm: Batch = field(default_factory=Batch)
+    baseline_rss: int = 0  # after the warm-up, before filling
+    passes: list[FillPass] = field(default_factory=list)
+    note: str = ""  # why it was not measured
+
+    def growth(self) -> float:
+        """The most RSS grew over the baseline after any pass, in bytes."""
+        return max(p.rss for p in self.passes) - self.baseline_rss if self.passes else NAN
+
+
+def fill_requests(port: int, start: int, content_bytes: int) -> tuple[list[bytes], int, int]:
+    """Distinct deterministic requests from number start on whose answers' content adds up to
+    content_bytes or just more, sizes spread over FILL_MIN_PAD..FILL_MAX_PAD; the requests,
+    the next number, and their answers' content bytes."""
+    requests, index, total = [], start, 0
+    while total < content_bytes:
+        size = FILL_MIN_PAD + index * 12289 % (FILL_MAX_PAD - FILL_MIN_PAD + 1)
+        requests.append(request_bytes(port, False, f"fill {index}", size))
+        total += size
+        index += 1
+    return requests, index, total
+
+
+def run_fill(
+    procs: Group, workdir: Path, upstream: int, passes: int, proxy_cores: set[int] | None
+) -> Fill:
+    """An exporter whose gateway cache holds at most FILL_MAX_BYTES, filled passes times over."""
+    fill = Fill()
+    name = "gateway-fill"
+    try:
+        proc, port, listen = start_exporter(
+            procs, workdir, name, upstream, True, None, FILL_SETTINGS
+        )
+    except RuntimeError as exc:
+        fill.note = " ".join(str(exc).split())[:400]
+        return fill
+    assert listen is not None
+    try:
+        if not wait_listening(listen, LISTEN_TIMEOUT, proc):
+            fill.note = f"nothing listens on its gateway port: {tail(workdir / f'{name}.log')}"
+            return fill
+        pin(proc.pid, proxy_cores)
+        # Small answers first, so that what every request uses once is in the baseline.
+        warm = [request_bytes(listen, False, f"warm {i}", 1024) for i in range(FILL_WARMUPS)]
+        fill.warm = asyncio.run(send_all(listen, warm, CONCURRENCY))
+        scrape_series(port)
+        fill.baseline_rss = group_rss(proc.pid)
+        index = 0
+        for _ in range(passes):
+            requests, index, size = fill_requests(listen, index, fill.max_bytes)
+            batch = asyncio.run(send_all(listen, requests, CONCURRENCY))
+            _, series = scrape_series(port)
+            fill.passes.append(FillPass(len(requests), size, batch, group_rss(proc.pid), series))
+    except OSError as exc:
+        fill.note = f"failed: {exc!r}"
+    finally:
+        procs.stop(proc)
+    return fill
+
+
+def run(plan: Plan, cores: tuple[set[int], set[int]] | None) -> tuple[list[Contender], int, Fill]:
+    """Start every contender, measure them all, read their memory, fill a bounded cache, stop
+    everything."""
     procs = Group(ROOT)
     proxy_cores = cores[0] if cores else None
     reference_rss = 0
+    fill = Fill(note="not run")
     try:
         with tempfile.TemporaryDirectory(prefix="llm-exporter-gateway-bench-") as tmp:
             workdir = Path(tmp)
@@ -1061,16 +1475,20 @@ def run(plan: Plan, cores: tuple[set[int], set[int]] | None) -> tuple[list[Conte
                     read_counted(contender)
             if reference is not None:
                 reference_rss = rss_bytes(reference.pid)
+            print("  filling a bounded cache", flush=True)
+            fill = run_fill(procs, workdir, upstream, plan.fill_passes, proxy_cores)
     finally:
         procs.stop_all()
-    return contenders, reference_rss
+    return contenders, reference_rss, fill
 
 
 # --- the report --------------------------------------------------------------------------------
 
 
 def _pair(a: float, b: float, width: int = 13) -> str:
-    """Two numbers as a/b, right-aligned."""
+    """Two numbers as a/b, right-aligned; "-" when there are none."""
+    if math.isnan(a) and math.isnan(b):
+        return "-".rjust(width)
     return f"{a:.2f}/{b:.2f}".rjust(width)
 
 
@@ -1105,7 +1523,7 @@ def print_tables(contenders: list[Contender], reference_rss: int) -> None:
             if c is not direct:
                 p50, p99 = p50 - base[phase, first][0], p99 - base[phase, first][1]
             cells.append(_pair(p50, p99))
-        counts = "/".join(str(c.requests(p)) for p in PHASES)
+        counts = "/".join(str(c.requests(p)) if p in c.phases else "-" for p in PHASES)
         errors = sum(int(c.total(p, "errors")) for p in PHASES)
         print(f"{c.name:<15} | {' | '.join(cells)} | {counts:>22} | {errors}")
     print(
@@ -1121,13 +1539,12 @@ def print_tables(contenders: list[Contender], reference_rss: int) -> None:
     print("-" * len(header))
     by_name = {c.name: c for c in contenders}
     for c in contenders:
-        wall = c.total(PHASES[1], "wall")
         floor = by_name.get(c.floor)
         ratios = [c.cpu_us(p) / floor.cpu_us(p) if floor else NAN for p in PHASES[:2]]
         cells = [
             _cell(c.rps(), ".0f", 7),
-            _cell(c.total(PHASES[1], "cpu") / wall * 100 if wall and c.pid else NAN, ".0f%", 10),
-            _cell(c.total(PHASES[1], "load_cpu") / wall * 100 if wall else NAN, ".0f%", 9),
+            _cell(c.core_share() * 100, ".0f%", 10),
+            _cell(c.load_share() * 100, ".0f%", 9),
             *(
                 _cell(c.cpu_us(p) if c.pid else NAN, ".0f", w)
                 for p, w in zip(PHASES, (10, 6, 7), strict=True)
@@ -1154,7 +1571,7 @@ def verdicts(contenders: list[Contender]) -> list[str]:
     by_name = {c.name: c for c in contenders}
     lines = []
     for c in contenders:
-        if not c.name.startswith("gateway"):
+        if not c.name.startswith("gateway") or c.role:
             continue
         floor = by_name.get(c.floor)
         added = pct(c.values(PHASES[0]), 50) - pct(direct.values(PHASES[0]), 50)
@@ -1172,7 +1589,294 @@ def verdicts(contenders: list[Contender]) -> list[str]:
             (ttfb <= AIM_TTFB_MS, f"stream first byte added p50 at c=16 <= {AIM_TTFB_MS} ms: {ttfb:.2f} ms"),
             (rss_mb <= AIM_RSS_MB, f"RSS <= {AIM_RSS_MB:g} MB: {rss_mb:.1f} MB ({c.rss / 2**20:.1f} MiB)"),
         ]  # fmt: skip
-        lines += [f"{c.name:<15} {'met    ' if ok else 'NOT met'}  {text}" for ok, text in checks]
+        lines += [_verdict(c.name, ok, text) for ok, text in checks]
+    return lines
+
+
+UNCLEAR = "unclear"
+
+
+def _verdict(name: str, ok: bool | str, text: str) -> str:
+    """One aim's line: met, not met, or unclear (the measurement cannot tell)."""
+    status = ok if isinstance(ok, str) else "met" if ok else "NOT met"
+    return f"{name:<15} {status:<7}  {text}"
+
+
+def _noise(twin: Contender | None, plain: Contender, phase: str, latency: bool) -> float:
+    """Two standard errors of a pooled difference from the gateway, in us, as the twin's
+    round-by-round differences from it show them (the same work: only noise); NaN without."""
+    if twin is None:
+        return NAN
+    cost = queue_cost(twin, plain)
+    rounds = cost.p50_rounds if latency else cost.cpu_rounds[phase]
+    rounds = [r for r in rounds if not math.isnan(r)]
+    if len(rounds) < 2:
+        return NAN
+    return 2 * statistics.stdev(rounds) / math.sqrt(len(rounds))
+
+
+def _judge(difference: float, noise: float) -> bool | str:
+    """Met or not against AIM_QUEUE_US; unclear when the noise is larger than the aim."""
+    if not math.isnan(noise) and noise > AIM_QUEUE_US:
+        return UNCLEAR
+    return difference <= AIM_QUEUE_US
+
+
+def _spread(values: list[float]) -> str:
+    """The range of values, signed, as min..max; "-" if there are none."""
+    values = [v for v in values if not math.isnan(v)]
+    return f"{min(values):+.0f}..{max(values):+.0f}" if values else "-"
+
+
+@dataclass
+class QueueCost:
+    """What the queue adds: gateway+queue minus the gateway, in microseconds, pooled over the
+    rounds and round by round."""
+
+    p50: float  # latency p50 at c=1
+    p50_rounds: list[float]
+    cpu: dict[str, float]  # CPU per request, by phase
+    cpu_rounds: dict[str, list[float]]
+
+
+def queue_cost(queued: Contender, plain: Contender) -> QueueCost:
+    """The queue's cost per request, from batches that ran in the same rounds."""
+
+    def rounds(phase: str, measure: Callable[[Batch], float]) -> list[float]:
+        pairs = zip(queued.batches[phase], plain.batches[phase], strict=False)
+        return [measure(a) - measure(b) for a, b in pairs]
+
+    c1 = PHASES[0]
+    return QueueCost(
+        p50=(pct(queued.values(c1), 50) - pct(plain.values(c1), 50)) * 1000,
+        p50_rounds=rounds(c1, Batch.p50_us),
+        cpu={p: queued.cpu_us(p) - plain.cpu_us(p) for p in PHASES},
+        cpu_rounds={p: rounds(p, Batch.cpu_us) for p in PHASES},
+    )
+
+
+def _print_difference(label: str, cost: QueueCost, phases: tuple[str, ...]) -> None:
+    """One contender minus the gateway: latency p50 at c=1 and CPU per request, in us."""
+    print(
+        f"  {label}: latency p50 at c=1 {cost.p50:+.1f} (rounds {_spread(cost.p50_rounds)}); "
+        "CPU per request "
+        + ", ".join(
+            f"{'per stream' if p == 'stream' else p} {cost.cpu[p]:+.1f} "
+            f"(rounds {_spread(cost.cpu_rounds[p])})"
+            for p in phases
+        )
+    )
+
+
+def print_queue_and_cache(
+    contenders: list[Contender], reference_rss: int, fill: Fill, costs: dict[str, float]
+) -> None:
+    """What the queue costs, what a cache hit costs, and what a full cache holds."""
+    by_role = {c.role: c for c in contenders if c.role}
+    by_name = {c.name: c for c in contenders}
+    direct, plain = contenders[0], by_name.get("gateway")
+    queued, twin, cached = by_role.get("queue"), by_role.get("twin"), by_role.get("cache")
+    if queued is not None and plain is not None:
+        print(
+            "\nadmission queue, uncontended (max_concurrent 64): each minus the gateway, same "
+            "rounds; us, pooled (round by round min..max)"
+        )
+        print(
+            f"  the gateway itself: latency p50 at c=1 {pct(plain.values(PHASES[0]), 50):.3f} "
+            "ms; CPU per request "
+            + ", ".join(
+                f"{'per stream' if p == 'stream' else p} {plain.cpu_us(p):.0f} us" for p in PHASES
+            )
+        )
+        _print_difference("gateway+queue", queue_cost(queued, plain), PHASES)
+        if twin is not None:
+            _print_difference(
+                "gateway again, configured as the gateway: the noise",
+                queue_cost(twin, plain),
+                twin.phases,
+            )
+            noises = [
+                f"latency p50 at c=1 +-{_noise(twin, plain, PHASES[0], True):.0f}",
+                *(f"CPU at {p} +-{_noise(twin, plain, p, False):.0f}" for p in twin.phases),
+            ]
+            print(
+                "  noise of a pooled difference (two standard errors of gateway again's "
+                f"round-by-round differences): {', '.join(noises)} us"
+            )
+        if "admission_us" in costs:
+            print(
+                f"  admission alone (admit, then release), in one process: "
+                f"{costs['admission_us']:.1f} us per request"
+            )
+    if cached is not None:
+        c1, c16 = PHASES[0], PHASES[1]
+        timed = sum(cached.requests(p) for p in cached.phases)
+        hits = sum(int(cached.total(p, "hits")) for p in cached.phases)
+        counts = {
+            result: metric(cached.series, "llm_gateway_cache_lookups_total", f'result="{result}"')
+            for result in ("hit", "miss", "bypass")
+        }
+        lookups = ", ".join(f"{result} {count:.0f}" for result, count in counts.items())
+        print(
+            "\nresponse cache: gateway+cache, every request deterministic (temperature 0), "
+            "not streamed"
+        )
+        print(
+            f"  {hits} of {timed} timed replies carried X-Cache: HIT; its /metrics: lookups "
+            f"{lookups}; entries {metric(cached.series, 'llm_gateway_cache_entries'):.0f}"
+        )
+        hit_p50, direct_p50 = pct(cached.values(c1), 50), pct(direct.values(c1), 50)
+        print(
+            f"  c=1: hit p50 {hit_p50:.3f} ms, p99 {pct(cached.values(c1), 99):.3f} ms; direct "
+            f"p50 {direct_p50:.3f} ms, so {hit_p50 - direct_p50:+.3f} ms over direct; the "
+            f"gateway's {cached.cpu_us(c1):.0f} us of CPU per hit"
+        )
+        print(
+            f"  c=16: {cached.rps():,.0f} hits/s with the gateway on one core, which it used "
+            f"{cached.core_share() * 100:.0f}%, the load generator's core {cached.load_share() * 100:.0f}%; "
+            f"{cached.cpu_us(c16):.0f} us of CPU per hit (one core's worth: "
+            f"{1e6 / cached.cpu_us(c16):,.0f}/s)"
+        )
+        print(
+            f"  load generator: direct at c=16 it sent {direct.rps():,.0f} req/s while sharing "
+            f"its core with the upstream ({direct.load_share() * 100:.0f}% of it): alone it "
+            "sends at least that many"
+        )
+        answer = by_role.get("answer")
+        if answer is not None:
+            print(
+                f"  answer floor (bare aiohttp, answering from memory): c=1 p50 "
+                f"{pct(answer.values(c1), 50):.3f} ms; c=16 {answer.rps():,.0f} req/s, its core "
+                f"{answer.core_share() * 100:.0f}%; CPU per request {answer.cpu_us(c1):.0f} us "
+                f"at c=1, {answer.cpu_us(c16):.0f} us at c=16"
+            )
+        if "hit_us" in costs:
+            print(
+                f"  the cache's own work per hit (key from canonical JSON, lookup, answer), in "
+                f"one process: {costs['hit_us']:.1f} us"
+            )
+        if cached.rps() < AIM_HIT_RPS and cached.core_share() < 0.9:
+            print(
+                f"  NOTE the gateway used {cached.core_share() * 100:.0f}% of its core at c=16: "
+                "something besides its CPU held its hits/s back (the round trips of 16 "
+                "connections, or other work on its core: compare the other proxies' share)"
+            )
+    print(
+        f"\ncache filled past its bound: max_bytes {fill.max_bytes >> 20} MiB, answers of "
+        f"{FILL_MIN_PAD >> 10}-{FILL_MAX_PAD >> 10} KiB of content, {CONCURRENCY} connections"
+    )
+    if fill.note:
+        print(f"  NOTE not measured: {fill.note}")
+        return
+    print(
+        f"  after {fill.warm.sent} small answers ({fill.warm.errors} errors), before filling: "
+        f"RSS {fill.baseline_rss / 2**20:.1f} MiB"
+        + (
+            f"; the exporter without a gateway, idle: {reference_rss / 2**20:.1f} MiB"
+            if reference_rss
+            else ""
+        )
+    )
+    for number, done in enumerate(fill.passes, 1):
+        series = done.series
+        evicted = metric(series, "llm_gateway_cache_evictions_total")
+        print(
+            f"  pass {number}: {done.answers} answers ({done.content_bytes / 2**20:.1f} MiB of "
+            f"content) in {done.batch.wall:.1f}s, {done.batch.errors} errors, {done.batch.hits} "
+            f"hits: RSS {done.rss / 2**20:.1f} MiB ({(done.rss - fill.baseline_rss) / 2**20:+.1f}); "
+            f"cache {metric(series, 'llm_gateway_cache_bytes') / 2**20:.1f} MiB in "
+            f"{metric(series, 'llm_gateway_cache_entries'):.0f} entries, {evicted:.0f} evicted"
+        )
+        if done.batch.error:
+            print(f"    first error: {done.batch.error[:200]}")
+
+
+def queue_and_cache_verdicts(
+    contenders: list[Contender], fill: Fill, costs: dict[str, float]
+) -> list[str]:
+    """One line per aim of the queue and the cache: met or not, with the number."""
+    by_role = {c.role: c for c in contenders if c.role}
+    by_name = {c.name: c for c in contenders}
+    direct, plain = contenders[0], by_name.get("gateway")
+    queued, cached = by_role.get("queue"), by_role.get("cache")
+    lines = []
+    if queued is not None and plain is not None:
+        twin = by_role.get("twin")
+        cost = queue_cost(queued, plain)
+        c1, c16 = PHASES[0], PHASES[1]
+        p50_noise = _noise(twin, plain, c1, True)
+        lines.append(
+            _verdict(
+                queued.name,
+                _judge(cost.p50, p50_noise),
+                f"admission adds <= {AIM_QUEUE_US:g} us to the p50 at c=1: {cost.p50:+.1f} us "
+                f"(noise +-{p50_noise:.0f} us)",
+            )
+        )
+        for phase in (c1, c16):
+            noise = _noise(twin, plain, phase, False)
+            lines.append(
+                _verdict(
+                    queued.name,
+                    _judge(cost.cpu[phase], noise),
+                    f"admission adds <= {AIM_QUEUE_US:g} us of CPU per request at {phase}: "
+                    f"{cost.cpu[phase]:+.1f} us (noise +-{noise:.0f} us)",
+                )
+            )
+        if "admission_us" in costs:
+            lines.append(
+                _verdict(
+                    queued.name,
+                    costs["admission_us"] <= AIM_QUEUE_US,
+                    f"admission alone, in one process, <= {AIM_QUEUE_US:g} us: "
+                    f"{costs['admission_us']:.1f} us",
+                )
+            )
+    if cached is not None:
+        timed = sum(cached.requests(p) for p in cached.phases)
+        hits = sum(int(cached.total(p, "hits")) for p in cached.phases)
+        all_hits = bool(timed) and hits == timed
+        proof = "" if all_hits else f" (but only {hits} of {timed} replies were hits)"
+        hit_p50 = pct(cached.values(PHASES[0]), 50)
+        answer = by_role.get("answer")
+        floor_p50 = floor_rps = ""
+        if answer is not None:
+            floor_p50 = f", answer floor {pct(answer.values(PHASES[0]), 50):.3f} ms"
+            floor_rps = f", answer floor {answer.rps():,.0f}"
+        bound = ""
+        if cached.rps() < AIM_HIT_RPS:
+            bound = (
+                f"; gateway core {cached.core_share() * 100:.0f}%, load generator's ceiling "
+                f">= {direct.rps():,.0f} req/s"
+            )
+        lines += [
+            _verdict(
+                cached.name,
+                all_hits and hit_p50 <= AIM_HIT_P50_MS,
+                f"cache hit p50 at c=1 <= {AIM_HIT_P50_MS} ms: {hit_p50:.3f} ms "
+                f"(direct {pct(direct.values(PHASES[0]), 50):.3f} ms{floor_p50}){proof}",
+            ),
+            _verdict(
+                cached.name,
+                all_hits and cached.rps() >= AIM_HIT_RPS,
+                f"cache hits/s on one core >= {AIM_HIT_RPS:,.0f}: {cached.rps():,.0f}"
+                f"{floor_rps}{bound}{proof}",
+            ),
+        ]
+    if not fill.note and fill.passes:
+        limit = fill.max_bytes + AIM_FILL_OVERHEAD_MIB * 2**20
+        last = fill.passes[-1].series
+        lines.append(
+            _verdict(
+                "gateway-fill",
+                fill.growth() <= limit,
+                f"RSS growth with the cache filled {len(fill.passes)}x past max_bytes <= "
+                f"{fill.max_bytes >> 20} MiB + {AIM_FILL_OVERHEAD_MIB:g} MiB: "
+                f"{fill.growth() / 2**20:.1f} MiB (cache "
+                f"{metric(last, 'llm_gateway_cache_bytes') / 2**20:.1f} MiB, "
+                f"{metric(last, 'llm_gateway_cache_evictions_total'):.0f} evicted)",
+            )
+        )
     return lines
 
 
@@ -1196,8 +1900,13 @@ def main() -> int:
     )
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-answer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--uvloop", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--component-costs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.component_costs is not None:
+        _component_costs(args.component_costs)
+        return 0
     if args.uvloop:  # on PYTHONPATH from .cache/bench/uvloop, not a dependency of the tree
         importlib.import_module("uvloop").install()
     if args.serve_upstream:
@@ -1205,6 +1914,9 @@ def main() -> int:
         return 0
     if args.serve_floor is not None:
         asyncio.run(_serve_floor(args.serve_floor))
+        return 0
+    if args.serve_answer:
+        asyncio.run(_serve_answer())
         return 0
     plan = QUICK if args.quick else FULL
     if args.litellm is not None:
@@ -1223,9 +1935,12 @@ def main() -> int:
         ),
         flush=True,
     )
-    contenders, reference_rss = run(plan, cores)
+    contenders, reference_rss, fill = run(plan, cores)
+    # Timed alone, after everything else has stopped.
+    costs = component_costs(cores[0] if cores else None)
     print_tables(contenders, reference_rss)
-    lines = verdicts(contenders)
+    print_queue_and_cache(contenders, reference_rss, fill, costs)
+    lines = verdicts(contenders) + queue_and_cache_verdicts(contenders, fill, costs)
     if lines:
         print("\naims")
         print("\n".join(lines))
