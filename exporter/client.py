@@ -8,7 +8,7 @@ import math
 import ssl
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Awaitable, Callable, Container
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -304,18 +304,20 @@ class ProviderClient:
         *,
         optional: bool = False,
         statuses: Container[int] = OK_STATUSES,
+        params: Mapping[str, str] | None = None,
     ) -> T | None:
         """GET an endpoint and parse the reply; raise a classified ProviderError if either fails.
 
         A reply whose status is not in statuses is a failure, except that an optional
         endpoint the server does not offer (404, 501: llama-server without --slots or
-        --metrics) gives None and is not asked for again for a while.
+        --metrics) gives None and is not asked for again for a while. Query params are
+        sent but not part of the endpoint's name in the exporter's own series.
         """
         if self._unsupported.get(endpoint, -math.inf) > self._clock():
             return None
 
         async def run() -> tuple[T | None, str]:
-            reply = await self._get(endpoint)
+            reply = await self._get(endpoint, params)
             if reply.status not in statuses:
                 if optional and reply.status in (404, 501):
                     self._unsupported[endpoint] = self._clock() + UNSUPPORTED_RECHECK_SECONDS
@@ -406,37 +408,69 @@ class ProviderClient:
                 self.provider, endpoint, outcome, self._clock() - started, self._wall_clock()
             )
 
-    async def _get(self, endpoint: str) -> Reply:
+    async def post(
+        self,
+        endpoint: str,
+        body: Mapping[str, Any],
+        parse: Callable[[Reply], T],
+        *,
+        timeout: float,
+    ) -> T:
+        """POST a JSON body (an action such as loading a model), never retried, and parse
+        the reply; raise a classified ProviderError if either fails."""
+
+        async def run() -> tuple[T, str]:
+            started = self._clock()
+            try:
+                async with self._open_for_streams().post(
+                    self._base_url + endpoint, json=dict(body), allow_redirects=False
+                ) as response:
+                    reply = await self._read(endpoint, response, started)
+            except aiohttp.ClientError as exc:
+                raise self._classify(endpoint, exc) from None
+            reply.ok()
+            return _parse(reply, parse), SUCCESS
+
+        return await self._accounted(endpoint, timeout, run)
+
+    async def _get(self, endpoint: str, params: Mapping[str, str] | None = None) -> Reply:
         started = self._clock()
         attempts = _Attempts()
         try:
             async with self._open().get(
-                self._base_url + endpoint, allow_redirects=False, trace_request_ctx=attempts
+                self._base_url + endpoint,
+                params=params,
+                allow_redirects=False,
+                trace_request_ctx=attempts,
             ) as response:
                 if attempts.connections > 1:
                     # The server closed a pooled keep-alive connection before answering
                     # (llama-server does after 100 requests) and aiohttp asked again on a
                     # fresh one: not a provider fault, but worth counting.
                     self._stats.count_retry(self.provider, endpoint)
-                declared = response.content_length
-                if declared is not None and declared > self._max_body:
-                    raise self._too_large(endpoint)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_any():
-                    size += len(chunk)
-                    if size > self._max_body:
-                        raise self._too_large(endpoint)
-                    chunks.append(chunk)
-                return Reply(
-                    endpoint=endpoint,
-                    status=response.status,
-                    body=b"".join(chunks),
-                    content_type=response.headers.get("Content-Type", ""),
-                    seconds=self._clock() - started,
-                )
+                return await self._read(endpoint, response, started)
         except aiohttp.ClientError as exc:
             raise self._classify(endpoint, exc) from None
+
+    async def _read(self, endpoint: str, response: aiohttp.ClientResponse, started: float) -> Reply:
+        """A response's body, read up to the size bound."""
+        declared = response.content_length
+        if declared is not None and declared > self._max_body:
+            raise self._too_large(endpoint)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > self._max_body:
+                raise self._too_large(endpoint)
+            chunks.append(chunk)
+        return Reply(
+            endpoint=endpoint,
+            status=response.status,
+            body=b"".join(chunks),
+            content_type=response.headers.get("Content-Type", ""),
+            seconds=self._clock() - started,
+        )
 
     def _too_large(self, endpoint: str) -> ProviderError:
         return ProviderError(

@@ -91,7 +91,7 @@ def bounded(
     """The snapshot within the provider's bounds, and what was dropped per family.
 
     Models are unique by name (two names can clean up to the same label value) and at
-    most max_models; each family's label values and buckets are bounded; and a snapshot
+    most max_models, loaded ones first; each family's label values and buckets are bounded; and a snapshot
     still over max_series keeps its status only, with a failure saying why.
     """
     dropped: dict[str, int] = {}
@@ -100,7 +100,9 @@ def bounded(
         if count > 0:
             dropped[family] = dropped.get(family, 0) + count
 
+    # Past max_models, loaded models are kept first: they are the ones being served.
     models = _first_of_each(snapshot.models, lambda m: m.name)
+    models = tuple(sorted(models, key=lambda m: m.loaded is not True))
     engines = _first_of_each(snapshot.engines, lambda e: e.model)
     note("llm_model_info", len(models) - max_models)
     note("llm_requests_running", len(engines) - max_models)

@@ -133,6 +133,30 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """How the exporter watches a provider's models load and unload, and its optional policy
+    (off unless one of pin, preload, max_loaded, max_memory or idle_unload is set)."""
+
+    watch: bool = True
+    watch_interval: float = 10.0
+    pin: tuple[str, ...] = ()  # kept loaded, loaded again after any unload
+    preload: tuple[str, ...] = ()  # loaded once when the exporter starts
+    max_loaded: int | None = None  # before the gateway lets a model load, unload down to this
+    max_memory: int | None = None  # bytes, likewise
+    idle_unload: float | None = None  # unload a model after this long without traffic
+
+    @property
+    def policy(self) -> bool:
+        """Whether the exporter acts on the provider's models, not only watches them."""
+        return bool(self.pin or self.preload or self.idle_unload is not None or self.limited)
+
+    @property
+    def limited(self) -> bool:
+        """Whether loads through the gateway are bounded by max_loaded or max_memory."""
+        return self.max_loaded is not None or self.max_memory is not None
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     """One provider instance to watch."""
 
@@ -148,6 +172,7 @@ class ProviderConfig:
     max_series: int = 10000
     probes: ProbeConfig | None = None
     gateway: GatewayConfig | None = None
+    lifecycle: LifecycleConfig = LifecycleConfig()
 
 
 @dataclass(frozen=True)
@@ -697,9 +722,52 @@ def _parse_provider(
         max_series=reader.scalar("max_series", _positive_int, ProviderConfig.max_series),
         probes=reader.section("probes", _parse_probes, None),
         gateway=reader.section("gateway", _parse_gateway, None),
+        lifecycle=reader.section("lifecycle", _parse_lifecycle, LifecycleConfig()),
     )
     reader.finish()
+    kind = KINDS.get(provider.kind)
+    if provider.lifecycle.policy and kind is not None and not hasattr(kind, "unload_model"):
+        reason = (
+            f"kind {provider.kind} cannot load or unload models: the lifecycle policy"
+            " (pin, preload, max_loaded, max_memory, idle_unload) needs ollama or llamacpp"
+        )
+        errors.append(reader.error(f"{path}.lifecycle", reason, reader.node("lifecycle")))
     return provider
+
+
+def _model_list(reader: _Reader, key: str) -> tuple[str, ...]:
+    models = tuple(_string_item(node, path) for node, path in reader.sequence(key))
+    for index, name in enumerate(models):
+        if name in models[:index]:
+            path = f"{reader.path}.{key}[{index}]"
+            raise reader.error(path, f'"{_cut(name)}" is listed twice', reader.node(key))
+    return models
+
+
+def _parse_lifecycle(reader: _Reader | None) -> LifecycleConfig:
+    default = LifecycleConfig()
+    if reader is None:
+        return default
+    lifecycle = LifecycleConfig(
+        watch=reader.scalar("watch", _bool, default.watch),
+        watch_interval=reader.scalar("watch_interval", _duration, default.watch_interval),
+        pin=_model_list(reader, "pin"),
+        preload=_model_list(reader, "preload"),
+        max_loaded=reader.scalar("max_loaded", _positive_int, None),
+        max_memory=reader.scalar("max_memory", _size, None),
+        idle_unload=reader.scalar("idle_unload", _duration, None),
+    )
+    reader.finish()
+    if lifecycle.max_loaded is not None and len(lifecycle.pin) > lifecycle.max_loaded:
+        reason = (
+            f"{len(lifecycle.pin)} models are pinned but at most {lifecycle.max_loaded}"
+            " may be loaded: raise max_loaded or pin fewer"
+        )
+        raise reader.error(f"{reader.path}.max_loaded", reason, reader.node("max_loaded"))
+    if lifecycle.policy and not lifecycle.watch:
+        reason = "the policy acts on what the watcher sees: leave watch on"
+        raise reader.error(f"{reader.path}.watch", reason, reader.node("watch"))
+    return lifecycle
 
 
 _KEY_PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -1251,6 +1319,19 @@ def _provider_document(provider: ProviderConfig) -> dict[str, object]:
             "sampled": cache.sampled,
         }
         document["gateway"] = section
+    lifecycle = provider.lifecycle
+    section = {
+        "watch": lifecycle.watch,
+        "watch_interval": format_duration(lifecycle.watch_interval),
+    }
+    section |= {"pin": list(lifecycle.pin), "preload": list(lifecycle.preload)}
+    if lifecycle.max_loaded is not None:
+        section["max_loaded"] = lifecycle.max_loaded
+    if lifecycle.max_memory is not None:
+        section["max_memory"] = format_size(lifecycle.max_memory)
+    if lifecycle.idle_unload is not None:
+        section["idle_unload"] = format_duration(lifecycle.idle_unload)
+    document["lifecycle"] = section
     return document
 
 

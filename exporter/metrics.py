@@ -20,8 +20,9 @@ from .collector import Collection, ProviderResult
 from .gateway import GatewayStats
 from .gateway.stats import REJECTED_FULL, REJECTED_TIMEOUT, CacheStats, QueueStats
 from .health import Status
+from .lifecycle import CAUSES, LifecycleStats
 from .probes import ProbeStats
-from .providers.base import EngineSnapshot, HistogramData
+from .providers.base import EngineSnapshot, HistogramData, Residence
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,21 @@ SPECS = {
         Spec("llm_probe_time_per_output_token_seconds", "histogram", "Time per generated token after the first, in synthetic probe requests.", PM),
         Spec("llm_probe_tokens_total", "counter", "Tokens of successful synthetic probe requests, by type (input, output), as the provider counted them.", (*PM, "type")),
         Spec("llm_probe_tokens_per_second", "gauge", "Generation speed of the last successful synthetic probe: output tokens after the first per second.", PM),
-        Spec("llm_model_load_duration_seconds", "histogram", "Time the provider spent loading the model for a synthetic probe request, as it reported (Ollama's load_duration).", PM),
         Spec("llm_probe_last_run_timestamp_seconds", "gauge", "When the last synthetic probe of the model finished, successful or not.", PM),
         Spec("llm_probe_last_success_timestamp_seconds", "gauge", "When the last successful synthetic probe of the model finished.", PM),
+        # Model lifecycle: what the watcher saw load and unload, and what the policy did.
+        Spec("llm_model_loads_total", "counter", "Loads of the model the lifecycle watcher saw.", PM),
+        Spec("llm_model_unloads_total", "counter", "Unloads of the model the lifecycle watcher saw, by cause (idle: its keep-alive expired; evicted: another model was loaded while it was within its keep-alive; requested: by the policy or a client's keep_alive 0; failed: its server process failed; unknown).", (*PM, "cause")),
+        Spec("llm_model_load_failures_total", "counter", "Loads of the model that failed, as the lifecycle watcher saw them.", PM),
+        Spec("llm_model_sleeps_total", "counter", "Times the model was put to sleep (its memory released, its server kept), as the lifecycle watcher saw them.", PM),
+        Spec("llm_model_wakes_total", "counter", "Times the model woke from sleep, as the lifecycle watcher saw them.", PM),
+        Spec("llm_model_sleeping", "gauge", "1 if the model is held asleep, 0 if it is loaded and awake (models not in memory have no series).", PM),
+        Spec("llm_model_load_duration_seconds", "histogram", "Time each load of the model took: as the request that waited for it reported (Ollama's load_duration, from a probe or the gateway), else from the watcher's loading to loaded.", PM),
+        Spec("llm_model_loaded_timestamp_seconds", "gauge", "When the lifecycle watcher saw the model load (models loaded before the exporter started have no series).", PM),
+        Spec("llm_model_last_used_timestamp_seconds", "gauge", "When the last request for the model through the gateway ended.", PM),
+        Spec("llm_model_pinned", "gauge", "1 for each model the lifecycle policy keeps loaded (lifecycle.pin).", PM),
+        Spec("llm_lifecycle_actions_total", "counter", "Loads and unloads the lifecycle policy asked of the provider, by action (load, unload), reason (pin, preload, idle, max_loaded, max_memory) and outcome (success, failure).", (*P, "action", "reason", "outcome")),
+        Spec("llm_lifecycle_reads_total", "counter", "Reads by the lifecycle watcher of which models the provider holds, by outcome (success, failure).", (*P, "outcome")),
         # The measuring gateway: real requests that clients sent through it, since start.
         Spec("llm_gateway_requests_total", "counter", "Requests clients sent through the gateway, by operation, status class the client got (code, \"none\" if it got no answer), outcome (complete, abandoned, upstream_failed, timeout; rejected: turned away by the gateway's queue; cached: answered from the gateway's cache) and client.", (*PM, "operation", "code", "outcome", "client")),
         Spec("llm_gateway_request_duration_seconds", "histogram", "Duration of requests the gateway forwarded to the provider, from the request's arrival (so including any wait in the gateway's queue) to the answer's last byte.", (*PM, "operation")),
@@ -265,13 +278,38 @@ def _probes(out: _Families, stats: ProbeStats) -> None:
         out.histogram(
             "llm_probe_time_per_output_token_seconds", labels, probe.time_per_output_token.data()
         )
-        if probe.load_duration.observed:
-            out.histogram("llm_model_load_duration_seconds", labels, probe.load_duration.data())
         out.add("llm_probe_tokens_total", [*labels, "input"], probe.input_tokens)
         out.add("llm_probe_tokens_total", [*labels, "output"], probe.output_tokens)
         out.add("llm_probe_tokens_per_second", labels, probe.tokens_per_second)
         out.add("llm_probe_last_run_timestamp_seconds", labels, probe.last_run)
         out.add("llm_probe_last_success_timestamp_seconds", labels, probe.last_success)
+
+
+def _lifecycle(out: _Families, stats: LifecycleStats) -> None:
+    for provider, lifecycle in sorted(stats.providers.items()):
+        for model, record in sorted(lifecycle.records.items()):
+            labels = [provider, model]
+            out.add("llm_model_loads_total", labels, record.loads)
+            for cause in CAUSES:
+                out.add("llm_model_unloads_total", [*labels, cause], record.unloads.get(cause, 0))
+            out.add("llm_model_load_failures_total", labels, record.load_failures)
+            out.add("llm_model_sleeps_total", labels, record.sleeps)
+            out.add("llm_model_wakes_total", labels, record.wakes)
+            if record.residence in (Residence.LOADED, Residence.SLEEPING):
+                sleeping = float(record.residence is Residence.SLEEPING)
+                out.add("llm_model_sleeping", labels, sleeping)
+                out.add("llm_model_loaded_timestamp_seconds", labels, record.loaded_at)
+            if record.load_duration.observed:
+                out.histogram(
+                    "llm_model_load_duration_seconds", labels, record.load_duration.data()
+                )
+            out.add("llm_model_last_used_timestamp_seconds", labels, record.last_used)
+        for model in lifecycle.config.lifecycle.pin:
+            out.add("llm_model_pinned", [provider, model], 1.0)
+    for (provider, action, reason, outcome), count in sorted(stats.actions.items()):
+        out.add("llm_lifecycle_actions_total", [provider, action, reason, outcome], count)
+    for (provider, outcome), count in sorted(stats.reads.items()):
+        out.add("llm_lifecycle_reads_total", [provider, outcome], count)
 
 
 def _gateway(out: _Families, stats: GatewayStats) -> None:
@@ -409,6 +447,7 @@ def render(
     reload: ReloadState,
     http: HttpState | None = None,
     gateway: GatewayStats | None = None,
+    lifecycle: LifecycleStats | None = None,
 ) -> list[Metric]:
     """All metric families of one scrape."""
     out = _Families()
@@ -416,6 +455,8 @@ def render(
         _provider(out, result)
     _connections(out, stats)
     _probes(out, probes)
+    if lifecycle is not None:
+        _lifecycle(out, lifecycle)
     if gateway is not None:
         _gateway(out, gateway)
     _resources(out, collection)

@@ -20,9 +20,17 @@ from dataclasses import dataclass, field, replace
 from .client import DURATION_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Buckets
 from .config import Config, ProbeConfig, ProviderConfig
 from .errors import ProviderError
+from .lifecycle import Lifecycle
 from .logs import fields
 from .providers import Provider
-from .providers.base import ModelSnapshot, ProbeMeasurement, ProbeSpec
+from .providers.base import (
+    ModelResidency,
+    ModelSnapshot,
+    ModelState,
+    ProbeMeasurement,
+    ProbeSpec,
+    Residence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,9 @@ SUCCESS = "success"
 # seconds) is forgotten, its series with it.
 FORGET_AFTER_INTERVALS = 5
 FORGET_AFTER_MIN_SECONDS = 300.0
+# An expiry further away than this is "never" (Ollama writes a date centuries ahead for a model
+# kept with keep_alive -1).
+FOREVER_SECONDS = 10 * 365 * 86400.0
 
 ModelsOf = Callable[[str], Awaitable[tuple[ModelSnapshot, ...] | None]]
 
@@ -43,7 +54,6 @@ class ModelProbeStats:
     duration: Buckets = field(default_factory=lambda: Buckets(DURATION_BUCKETS))
     time_to_first_token: Buckets = field(default_factory=lambda: Buckets(TTFT_BUCKETS))
     time_per_output_token: Buckets = field(default_factory=lambda: Buckets(TPOT_BUCKETS))
-    load_duration: Buckets = field(default_factory=lambda: Buckets(DURATION_BUCKETS))
     input_tokens: int = 0
     output_tokens: int = 0
     tokens_per_second: float | None = None
@@ -79,8 +89,6 @@ class ProbeStats:
         stats.time_to_first_token.observe(result.time_to_first_token)
         if result.time_per_output_token is not None:
             stats.time_per_output_token.observe(result.time_per_output_token)
-        if result.load_duration is not None:
-            stats.load_duration.observe(result.load_duration)
         stats.input_tokens += result.input_tokens or 0
         stats.output_tokens += result.output_tokens or 0
         stats.tokens_per_second = result.tokens_per_second
@@ -150,11 +158,13 @@ class ProbeRunner:
         *,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
         self.stats = stats
         self.models_of = models_of
+        self.lifecycle = lifecycle
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()
         self.limit = asyncio.Semaphore(config.global_.probe_concurrency)
@@ -190,10 +200,30 @@ class ProbeRunner:
             await asyncio.sleep(probes.interval * (1 + spread))
 
     async def run_once(self, provider: ProviderConfig, probes: ProbeConfig) -> None:
-        """Probe this provider's models once, now."""
-        models = targets(probes, await self.models_of(provider.name))
+        """Probe this provider's models once, now.
+
+        Where the provider can tell cheaply which models are in memory, that is read right
+        before: a model unloaded or asleep since the last collection is not probed (which
+        would load or wake it), and each probe asks to keep its model no longer than it had.
+        """
+        states = await self._states(provider.name)
+        if states is None:
+            models = targets(probes, await self.models_of(provider.name))
+        else:
+            models = targets(
+                probes,
+                tuple(
+                    ModelSnapshot(s.name, loaded=s.residence is Residence.LOADED) for s in states
+                ),
+            )
         spec = ProbeSpec(probes.prompt, probes.max_tokens, probes.timeout)
-        await asyncio.gather(*(self.probe(provider.name, model, spec) for model in models))
+        held = {state.name: state for state in states or ()}
+        await asyncio.gather(
+            *(
+                self.probe(provider.name, model, self._spec(spec, provider.name, held.get(model)))
+                for model in models
+            )
+        )
         # Any schedule of the provider may forget: use its longest interval, not this one's.
         every = provider.probes or probes
         longest = max([every.interval, *(m.interval or 0.0 for m in every.models)])
@@ -202,11 +232,38 @@ class ProbeRunner:
             provider.name, self.wall_clock() - forget_after, max(provider.max_models, len(models))
         )
 
+    async def _states(self, provider: str) -> tuple[ModelState, ...] | None:
+        """The provider's models in memory now, if it can tell cheaply; None if not."""
+        reader = self.providers.get(provider)
+        if not isinstance(reader, ModelResidency):
+            return None
+        try:
+            return await reader.model_states()
+        except ProviderError:
+            return None
+
+    def _spec(self, spec: ProbeSpec, provider: str, state: ModelState | None) -> ProbeSpec:
+        """The probe's spec for one model: how long it may keep the model, from the model's
+        expiry less what the model's last probe took (a provider restarts the timer when a
+        request ends)."""
+        if state is None or state.expires_at is None:
+            return spec
+        remaining = state.expires_at - self.wall_clock()
+        if remaining > FOREVER_SECONDS:
+            return replace(spec, keep_alive=-1)
+        last = self.stats.models.get((provider, state.name))
+        took = last.last_duration if last is not None and last.last_duration else 0.0
+        return replace(spec, keep_alive=max(0.0, remaining - took))
+
     async def probe(self, provider: str, model: str, spec: ProbeSpec) -> None:
         """One probe of one model, recorded."""
         async with self.limit:
+            if self.lifecycle is not None:
+                await self.lifecycle.begin(provider, model)
+            load_seconds = None
             try:
                 result = await self.providers[provider].probe(model, spec)
+                load_seconds = result.load_duration
             except ProviderError as exc:
                 log.debug(
                     "probe failed",
@@ -215,3 +272,6 @@ class ProbeRunner:
                 self.stats.record_failure(provider, model, exc, self.wall_clock())
             else:
                 self.stats.record(provider, model, result, self.wall_clock())
+            finally:
+                if self.lifecycle is not None:
+                    self.lifecycle.end(provider, model, load_seconds=load_seconds, use=False)

@@ -29,6 +29,7 @@ from .connections import limit_connections
 from .errors import ConfigError
 from .gateway import Gateway, GatewayStats
 from .health import Status, iso_time, plural
+from .lifecycle import Lifecycle, LifecycleStats
 from .logs import BadRequestFilter, fields
 from .metrics import HttpState, ReloadState, render
 from .probes import ProbeRunner, ProbeStats
@@ -56,6 +57,8 @@ IDLE_TIMEOUT_SECONDS = 15.0
 # On shutdown, requests in progress get this long to finish.
 SHUTDOWN_TIMEOUT_SECONDS = 1.0
 # Where the documentation lives (the alert rules' runbook_url points there too).
+# Model lifecycle events listed on the landing page (/models has the last 200).
+EVENTS_SHOWN = 20
 DOCS_URL = "https://github.com/llm-exporter/llm-exporter/blob/main/docs"
 
 
@@ -82,7 +85,9 @@ class Exporter:
         self.probe_stats = ProbeStats()
         self.http = HttpCounters()
         self.gateway_stats = GatewayStats()
-        self.gateway = Gateway(self.gateway_stats)
+        self.lifecycle_stats = LifecycleStats()
+        self.lifecycle = Lifecycle(self.lifecycle_stats, wall_clock=wall_clock)
+        self.gateway = Gateway(self.gateway_stats, uses=self.lifecycle)
         self.registry = registry if registry is not None else _default_registry()
         self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
         self.wall_clock = wall_clock
@@ -116,8 +121,13 @@ class Exporter:
             self.probe_stats,
             self.models_of,
             wall_clock=self.wall_clock,
+            lifecycle=self.lifecycle,
         )
         self.probes.start()
+
+    def start_lifecycle(self) -> None:
+        """Watch the providers' models (and run the lifecycle policy) as configured now."""
+        self.lifecycle.apply(self.config, self.collector.by_name)
 
     async def stop_probes(self) -> None:
         """Stop the probe loops."""
@@ -213,6 +223,7 @@ class Exporter:
             self.reload_state,
             self.http.state(),
             self.gateway_stats,
+            self.lifecycle_stats,
         )
 
     @property
@@ -270,6 +281,7 @@ class Exporter:
             retiring.add_done_callback(self._retiring.discard)
             if probing:
                 self.start_probes()
+            self.start_lifecycle()
             try:
                 await self.gateway.apply(config)
             except ConfigError as exc:  # a gateway that cannot listen: the others run
@@ -293,8 +305,9 @@ class Exporter:
             task.cancel()
 
     async def aclose(self) -> None:
-        """Stop probing and collecting, and close the provider clients."""
+        """Stop probing, watching and collecting, and close the provider clients."""
         await self.stop_probes()
+        await self.lifecycle.aclose()
         self.cancel_collection()
         await asyncio.gather(*self._tasks, *self._retiring, return_exceptions=True)
         await self.collector.aclose()
@@ -396,6 +409,13 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, indent=2)
 
 
+async def handle_models(request: web.Request) -> web.Response:
+    """The last model lifecycle events, newest first, and each watched model's state, as JSON."""
+    lifecycle = request.app[EXPORTER_KEY].lifecycle
+    document = {"events": lifecycle.events(), "models": lifecycle.models()}
+    return web.json_response(document, dumps=_dumps)
+
+
 async def handle_healthy(request: web.Request) -> web.Response:
     """The process is alive."""
     return web.Response(text="OK\n")
@@ -430,7 +450,11 @@ async def handle_index(request: web.Request) -> web.Response:
     exporter = request.app[EXPORTER_KEY]
     collection = exporter.last
     page = landing_page(
-        exporter.config, collection, exporter.probe_stats, exporter.gateway.addresses
+        exporter.config,
+        collection,
+        exporter.probe_stats,
+        exporter.gateway.addresses,
+        exporter.lifecycle.events()[:EVENTS_SHOWN],
     )
     return web.Response(text=page, content_type="text/html")
 
@@ -440,8 +464,10 @@ def landing_page(
     collection: Collection | None,
     probes: ProbeStats,
     gateways: Mapping[str, str] | None = None,
+    events: Iterable[Mapping[str, Any]] = (),
 ) -> str:
-    """The landing page's HTML; gateways: the address each provider's gateway listens on."""
+    """The landing page's HTML; gateways: the address each provider's gateway listens on;
+    events: the latest model lifecycle events, newest first."""
     verdicts = {c.provider: c for c in collection.health.components} if collection else {}
     results = {r.config.name: r for r in collection.providers} if collection else {}
     by_provider = probes.by_provider()
@@ -481,7 +507,22 @@ def landing_page(
         summary=html.escape(summary),
         count=plural(len(config.providers), "provider"),
         rows="\n".join(rows) or '<tr><td colspan="7">no providers configured</td></tr>',
+        events="\n".join(_event_row(event) for event in events)
+        or '<tr><td colspan="6">none seen yet</td></tr>',
     )
+
+
+def _event_row(event: Mapping[str, Any]) -> str:
+    seconds = event.get("load_seconds")
+    cells = (
+        event.get("time", ""),
+        event.get("provider", ""),
+        event.get("model", ""),
+        str(event.get("event", "")).replace("_", " "),
+        event.get("cause") or event.get("detail") or "",
+        f"{seconds:g} s" if isinstance(seconds, int | float) else "",
+    )
+    return "<tr>" + "".join(_cell(str(cell)) for cell in cells) + "</tr>"
 
 
 def _cell(text: str) -> str:
@@ -535,10 +576,16 @@ tr:nth-child(even){{background:#f6f6f6}}
 <th>loaded models</th><th>last probe speed</th></tr>
 {rows}
 </table>
+<h2>Model events</h2>
+<table><tr><th>time</th><th>provider</th><th>model</th><th>event</th><th>cause</th>
+<th>load</th></tr>
+{events}
+</table>
 <h2>Endpoints</h2>
 <ul>
 <li><a href="metrics">/metrics</a>: Prometheus metrics (collects every provider now)</li>
 <li><a href="health">/health</a>: health verdict as JSON</li>
+<li><a href="models">/models</a>: the last 200 model loads and unloads, and each model's state, as JSON</li>
 <li><a href="-/healthy">/-/healthy</a> and <a href="-/ready">/-/ready</a>: liveness and readiness</li>
 </ul>
 <h2>Documentation</h2>
@@ -559,6 +606,7 @@ def create_app(exporter: Exporter) -> web.Application:
     app.router.add_get("/", handle_index)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/models", handle_models)
     app.router.add_get("/-/healthy", handle_healthy)
     app.router.add_get("/-/ready", handle_ready)
     app.router.add_post("/-/reload", handle_reload)
@@ -572,12 +620,14 @@ async def _start(app: web.Application) -> None:
     logging.getLogger("aiohttp.server").addFilter(exporter.http.bad_requests)
     await exporter.gateway.apply(exporter.config)
     exporter.start_probes()
+    exporter.start_lifecycle()
 
 
 async def _stop(app: web.Application) -> None:
     exporter = app[EXPORTER_KEY]
     logging.getLogger("aiohttp.server").removeFilter(exporter.http.bad_requests)
     await exporter.stop_probes()
+    await exporter.lifecycle.aclose()
     await exporter.gateway.aclose()
 
 

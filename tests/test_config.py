@@ -25,6 +25,7 @@ from exporter.config import (
     GlobalConfig,
     HealthConfig,
     HostConfig,
+    LifecycleConfig,
     ProbeConfig,
     ProbeModel,
     ProcessMatch,
@@ -120,6 +121,30 @@ INVALID = [
         " gateway.client_keys, or set gateway.client_header",
     ),
     (
+        "lifecycle policy on a kind that cannot load models",
+        "providers:\n  - name: v\n    kind: vllm\n    url: http://h:1\n"
+        "    lifecycle: {pin: [qwen]}\n",
+        "FILE:5: providers[0].lifecycle: kind vllm cannot load or unload models: the lifecycle"
+        " policy (pin, preload, max_loaded, max_memory, idle_unload) needs ollama or llamacpp",
+    ),
+    (
+        "more models pinned than may be loaded",
+        provider("    lifecycle: {pin: [a, b], max_loaded: 1}"),
+        "FILE:5: providers[0].lifecycle.max_loaded: 2 models are pinned but at most 1 may be"
+        " loaded: raise max_loaded or pin fewer",
+    ),
+    (
+        "a policy without the watcher",
+        provider("    lifecycle: {watch: false, idle_unload: 1h}"),
+        "FILE:5: providers[0].lifecycle.watch: the policy acts on what the watcher sees:"
+        " leave watch on",
+    ),
+    (
+        "a model pinned twice",
+        provider("    lifecycle: {pin: [a, a]}"),
+        'FILE:5: providers[0].lifecycle.pin[1]: "a" is listed twice',
+    ),
+    (
         "cache size without a unit",
         provider(
             "    gateway:", "      listen: :1", "      cache: {enabled: true, max_bytes: 1000}"
@@ -173,7 +198,7 @@ INVALID = [
         "unknown provider key, nothing close",
         provider("    colour: red"),
         "FILE:5: providers[0].colour: unknown key (known keys: api_key, api_key_file, gateway, headers,"
-        " kind, max_models, max_series, name, probes, process, timeout, tls_config, url)",
+        " kind, lifecycle, max_models, max_series, name, probes, process, timeout, tls_config, url)",
     ),
     (
         "timeout not a duration",
@@ -822,6 +847,7 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
     gateway.update(client_keys={}, cache=...)
     queue = {f.name: f.default for f in fields(QueueConfig) if f.name != "max_concurrent"}
     p.update(headers={}, api_key_file=None, tls_config=..., process=None, probes=None, gateway=None)
+    p.update(lifecycle=...)
     health: dict[str, Any] = {"max_age": HealthConfig().max_age}
     for name in (
         "response_time",
@@ -844,6 +870,7 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
         "providers[].gateway": gateway,
         "providers[].gateway.queue": queue | {"client_priorities": {}},
         "providers[].gateway.cache": {f.name: f.default for f in fields(CacheConfig)},
+        "providers[].lifecycle": {f.name: f.default for f in fields(LifecycleConfig)},
         "host": {f.name: f.default for f in fields(HostConfig)},
         "health": health,
     }
@@ -897,6 +924,9 @@ def test_docs_list_exactly_the_keys_the_parser_knows() -> None:
     )
     assert _known_keys(provider(f"    gateway: {{listen: ':1', {bogus}}}")) == set(
         _documented("providers[].gateway")
+    )
+    assert _known_keys(provider(f"    lifecycle: {{{bogus}}}")) == set(
+        _documented("providers[].lifecycle")
     )
     for section in ("queue", "cache"):
         required = "max_concurrent: 1, " if section == "queue" else ""
@@ -1020,6 +1050,13 @@ providers:
         client_priorities: {ide: 5}
         aging: 2500ms
       cache: {enabled: true, ttl: 1h, max_entries: 5, max_bytes: 1536KiB, sampled: true}
+    lifecycle:
+      watch_interval: 250ms
+      pin: [tiny]
+      preload: [big]
+      max_loaded: 2
+      max_memory: 12GiB
+      idle_unload: 30m
 host: {mounts: [/, /srv]}
 health:
   response_time: {degraded: 1s, unhealthy: 3s}

@@ -23,6 +23,7 @@ from exporter.client import PARSE_IN_THREAD_BYTES, ConnectionStats, ProviderClie
 from exporter.collector import MAX_BUCKETS, MAX_LABEL_VALUES
 from exporter.server import MIN_RENDER_RESERVE, Exporter
 from tests.helpers import Scrape, config_of, provider_yaml, running
+from tests.router_standin import router_routes
 from tests.standins import (
     Handler,
     StandIn,
@@ -160,6 +161,9 @@ FAULTS = {
         "invalid_response",
         "/metrics",
     ),
+    "routes malformed metrics of a loaded model": Fault(
+        "llamacpp", router_routes(**{"/metrics": reply("llamacpp:prompt_tokens_total{oops 1\n", 200, "text/plain")}), 1, "invalid_response", "/metrics"
+    ),
     "serves a slots list of numbers": Fault(
         "llamacpp", llamacpp_routes(**{"/slots": json_reply([1, 2, 3])}), 1, "invalid_response", "/slots"
     ),
@@ -218,7 +222,8 @@ async def test_fault_is_classified_and_bounded(name: str, caplog: pytest.LogCapt
     fault = FAULTS[name]
     caplog.set_level(logging.INFO)
     async with StandIn(fault.routes) as bad, StandIn(ollama_routes()) as good:
-        options = {"timeout": "1s", **fault.options}
+        # The model watcher reads some of the same endpoints; the counts below are the scrape's.
+        options = {"timeout": "1s", "lifecycle": "{watch: false}", **fault.options}
         config = config_of(
             provider_yaml("bad", fault.kind, bad.url, **options),
             provider_yaml("good", "ollama", good.url),

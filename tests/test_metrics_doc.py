@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_server import LlamaCppServer
 from tests.helpers import Running, config_of, provider_yaml, running
+from tests.ollama_standin import OllamaLifecycle
 from tests.standins import (
     StandIn,
     ollama_chat,
@@ -62,10 +63,13 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
     chat = ollama_chat(("Hi", "!"), first_load_ns=1_500_000_000, later_load_ns=1_000_000)
     # An answer the gateway's meter cannot read: it passes, counted as unmetered.
     broken = reply(b'{"model": "llama3.2", "response": ', content_type="application/json")
+    # A pinned model and one a probe may load: the lifecycle series and every action's.
+    scheduler = OllamaLifecycle(("pinned", "probed"), load_seconds=0.02)
     async with (
         StandIn(ollama_routes(**{"/api/chat": chat, "/api/generate": broken})) as ollama,
         StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as vllm,
         StandIn(openai_routes()) as openai,
+        StandIn(scheduler.routes()) as lifecycle,
     ):
         config = config_of(
             provider_yaml(
@@ -86,12 +90,31 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
             provider_yaml("vllm", "vllm", vllm.url),
             # Two models, one allowed: the dropped one shows in llm_exporter_series_dropped.
             provider_yaml("api", "openai", f"{openai.url}/v1", max_models=1),
+            provider_yaml(
+                "lifecycle",
+                "ollama",
+                lifecycle.url,
+                lifecycle="{watch_interval: 50ms, pin: [pinned]}",
+                probes="{interval: 1h, jitter: 0, models: [{name: probed, allow_load: true}]}",
+            ),
         )
         assert llama_server.pid is not None
         async with running(config, nvml=StandInNvml(llama_server.pid)) as exporter:
             await first_probe(exporter, "ollama")
+            await first_probe(exporter, "lifecycle")
             await through_the_gateways(exporter)
+            await seen_loaded(exporter, {"pinned", "probed"})
             return (await exporter.http.get("/metrics")).text
+
+
+async def seen_loaded(exporter: Running, models: set[str]) -> None:
+    """Wait until the lifecycle watcher has seen each model load (bounded)."""
+    for _ in range(500):
+        events = (await exporter.http.get("/models")).json()["events"]
+        if models <= {e["model"] for e in events if e["event"] == "loaded"}:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not every one of {sorted(models)} seen loaded within 10 s")
 
 
 async def through_the_gateways(exporter: Running) -> None:
@@ -111,7 +134,9 @@ async def through_the_gateways(exporter: Running) -> None:
         }
         for _ in range(2):
             chat = await client.post(f"http://{addresses['llama']}/v1/chat/completions", json=body)
-        generate = await client.post(f"http://{addresses['ollama']}/api/generate", json={})
+        generate = await client.post(
+            f"http://{addresses['ollama']}/api/generate", json={"model": "llama3.2"}
+        )
         answers = []
         for index in (1, 2, 2):
             body = {"model": "tiny-llama", "prompt": f"{index}", "max_tokens": 2, "temperature": 0}

@@ -157,11 +157,19 @@ async def test_answer_without_tokens_is_an_empty_response() -> None:
 
 
 async def test_ollama_nanoseconds_and_load_time() -> None:
-    """A first request that had to load the model reports it in nanoseconds; so do the rest."""
+    """A first request that had to load the model reports it in nanoseconds; so do the rest.
+
+    Unwatched, every load time a probe reports is counted as Ollama gives it (watched, only
+    loads the watcher saw are: tests/test_lifecycle.py).
+    """
     words = ("The", " sky", " is", " blue", ".")
     chat = ollama_chat(words, first_load_ns=6_338_219_291, later_load_ns=2_104_167)
     async with StandIn(ollama_routes(**{"/api/chat": chat})) as server:
-        config = config_of(provider_yaml("ollama", "ollama", server.url, probes=probes()))
+        unwatched = "{watch: false}"
+        provider = provider_yaml(
+            "ollama", "ollama", server.url, probes=probes(), lifecycle=unwatched
+        )
+        config = config_of(provider)
         async with running(config) as exporter:
             first = await first_probe(exporter, "ollama")
             await probe_again(exporter, "ollama")

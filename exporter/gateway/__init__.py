@@ -20,11 +20,11 @@ from ..connections import limit_connections
 from ..errors import ConfigError
 from ..logs import fields
 from .cache import ResponseCache
-from .proxy import Proxy
+from .proxy import ModelUses, Proxy
 from .queue import AdmissionQueue
 from .stats import CacheStats, GatewayStats, ProviderTraffic, QueueStats
 
-__all__ = ["Gateway", "GatewayStats", "ProviderTraffic"]
+__all__ = ["Gateway", "GatewayStats", "ModelUses", "ProviderTraffic"]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,14 @@ class Gateway:
     """Starts, moves and stops the providers' gateway listeners as the configuration says."""
 
     def __init__(
-        self, stats: GatewayStats, *, clock: Callable[[], float] = time.perf_counter
+        self,
+        stats: GatewayStats,
+        *,
+        uses: ModelUses | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.stats = stats
+        self.uses = uses
         self._clock = clock
         self._listeners: dict[str, _Listener] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -114,7 +119,9 @@ class Gateway:
         traffic = self.stats.of(provider.name)
         traffic.models.known = traffic.models.known | frozenset(gateway.models)
         queue, cache = self._queue_and_cache(provider, traffic, queue, cache)
-        proxy = Proxy(provider, traffic, queue=queue, cache=cache, clock=self._clock)
+        proxy = Proxy(
+            provider, traffic, queue=queue, cache=cache, uses=self.uses, clock=self._clock
+        )
         listener = _Listener(proxy, gateway.listen)
         server = web.Server(
             listener.handle,
@@ -153,7 +160,9 @@ class Gateway:
         if old.provider == provider:
             return
         queue, cache = self._queue_and_cache(provider, old.traffic, *self._kept(old, provider))
-        listener.proxy = Proxy(provider, old.traffic, queue=queue, cache=cache, clock=self._clock)
+        listener.proxy = Proxy(
+            provider, old.traffic, queue=queue, cache=cache, uses=self.uses, clock=self._clock
+        )
         task = asyncio.ensure_future(old.aclose_when_idle(RETIRE_SECONDS))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

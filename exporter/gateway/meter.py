@@ -183,6 +183,7 @@ class Reading:
     model: str | None
     error_in_stream: bool
     unmetered: str | None  # why the answer could not be read, if it could not
+    load_seconds: float | None = None  # Ollama: time spent loading the model for this request
 
 
 class ResponseMeter:
@@ -295,7 +296,7 @@ class ResponseMeter:
                 if count is not None:
                     self._timings[key] = count
         if "eval_count" in event or "prompt_eval_count" in event:
-            for key in ("prompt_eval_count", "eval_count"):
+            for key in ("prompt_eval_count", "eval_count", "load_duration"):
                 count = _count(event.get(key))
                 if count is not None:
                     self._ollama[key] = count
@@ -315,6 +316,9 @@ class ResponseMeter:
             model=self.model,
             error_in_stream=self.error_in_stream,
             unmetered=self.unmetered,
+            load_seconds=(
+                self._ollama["load_duration"] / 1e9 if "load_duration" in self._ollama else None
+            ),
         )
 
     def _final_usage(self) -> Usage | None:

@@ -12,7 +12,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +40,7 @@ from .stats import (
     COMPLETE,
     FROM_CHUNKS,
     FROM_USAGE,
+    OTHER,
     REJECTED,
     REJECTED_FULL,
     TIMEOUT,
@@ -147,6 +148,20 @@ class _PoolConnector(aiohttp.TCPConnector):
         return connection
 
 
+class ModelUses(Protocol):
+    """Who is told when a request for a model starts and ends (the model lifecycle)."""
+
+    async def begin(self, provider: str, model: str, document: Any = None) -> None:
+        """A request for a model is about to be forwarded (never raises)."""
+        ...
+
+    def end(
+        self, provider: str, model: str, *, load_seconds: float | None = None, use: bool = True
+    ) -> None:
+        """The request is over; load_seconds: how long the provider said it spent loading."""
+        ...
+
+
 class Proxy:
     """Forwards every request to one provider and measures what it did."""
 
@@ -157,6 +172,7 @@ class Proxy:
         *,
         queue: AdmissionQueue | None = None,
         cache: ResponseCache | None = None,
+        uses: ModelUses | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         assert provider.gateway is not None
@@ -165,6 +181,7 @@ class Proxy:
         self.traffic = traffic
         self.queue = queue
         self.cache = cache
+        self.uses = uses
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
@@ -256,6 +273,7 @@ class Proxy:
         requested = model_of(document) if scanner is None else scanner.model
         model = self.traffic.models.label(requested) if requested else ""
         call = _Call(self, request, operation, model, started)
+        call.document = document
         metered = operation in METERED
         if self.cache is not None and metered:
             call.plan = self.cache.plan(
@@ -345,6 +363,13 @@ class Proxy:
         ticket: Ticket | None,
     ) -> web.StreamResponse:
         in_flight = call.model
+        uses = self.uses if in_flight not in ("", OTHER) and call.operation in METERED else None
+        if uses is not None:
+            try:
+                await uses.begin(self.provider.name, in_flight, call.document)
+            except asyncio.CancelledError:
+                uses.end(self.provider.name, in_flight, use=False)
+                raise
         self.traffic.started(in_flight)
         try:
             response = await call.run(body, rest, scanner)
@@ -353,6 +378,9 @@ class Proxy:
             raise
         finally:
             now = self._clock()
+            if uses is not None:
+                load = call.reading.load_seconds if call.reading is not None else None
+                uses.end(self.provider.name, in_flight, load_seconds=load)
             if ticket is not None:
                 assert self.queue is not None
                 self.queue.release(ticket, now)
@@ -471,6 +499,7 @@ class _Call:
         self.response: web.StreamResponse | None = None
         self.plan = NO_PLAN
         self.kept: bytearray | None = None  # the answer's bytes, for the cache to store
+        self.document: Any = None  # the request body, parsed, if it was small enough
 
     async def run(
         self, body: bytes, rest: AsyncIterator[bytes] | None, scanner: ModelScanner | None

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from ..errors import FailureClass, ProviderError
 
@@ -127,6 +128,9 @@ class ProbeSpec:
     prompt: str
     max_tokens: int
     timeout: float
+    # Seconds the model may stay loaded after the probe, so that probing never extends its
+    # stay: None for the provider's default (the model's stay is not known), -1 for ever.
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,28 @@ class ProbeMeasurement:
     provider_prompt_seconds: float | None = None
 
 
+class Residence(StrEnum):
+    """Where a model is in its provider's lifecycle."""
+
+    LOADING = "loading"
+    LOADED = "loaded"
+    SLEEPING = "sleeping"  # loaded, its memory released until it wakes (vLLM, llama.cpp router)
+    FAILED = "failed"  # its last load failed
+    UNLOADED = "unloaded"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model as a provider's cheap residency read saw it; a model not listed is unloaded."""
+
+    name: str
+    residence: Residence
+    expires_at: float | None = None  # when the provider will unload it if it stays idle
+    memory_bytes: float | None = None
+    vram_bytes: float | None = None
+    detail: str = ""  # what the provider said of a failure, label-safe
+
+
 class Provider(Protocol):
     """A provider kind: reads one provider instance and returns a snapshot."""
 
@@ -161,6 +187,29 @@ class Provider(Protocol):
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
         """Send one small streamed generation; raise a classified ProviderError if it fails."""
+        ...
+
+
+@runtime_checkable
+class ModelResidency(Protocol):
+    """A provider kind that can tell cheaply which models are in memory (the lifecycle
+    watcher reads it every few seconds, so it must never load, wake or keep a model)."""
+
+    async def model_states(self) -> tuple[ModelState, ...]:
+        """The models the provider holds or is loading now; raise a ProviderError if unread."""
+        ...
+
+
+@runtime_checkable
+class ModelControl(ModelResidency, Protocol):
+    """A provider kind whose models can be loaded and unloaded on request."""
+
+    async def load_model(self, model: str, *, pin: bool) -> None:
+        """Load a model (pin: keep it loaded until unloaded); raise a ProviderError if refused."""
+        ...
+
+    async def unload_model(self, model: str) -> None:
+        """Unload a model now; raise a ProviderError if refused."""
         ...
 
 

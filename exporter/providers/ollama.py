@@ -20,9 +20,11 @@ from ..errors import FailureClass, ProviderError
 from .base import (
     Findings,
     ModelSnapshot,
+    ModelState,
     ProbeMeasurement,
     ProbeSpec,
     ProviderSnapshot,
+    Residence,
     expect,
     number,
     text,
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from ..config import ProviderConfig
 
 NANOSECONDS = 1e9
+# A load moves gigabytes into memory; an unload only frees them.
+LOAD_TIMEOUT_SECONDS = 600.0
+UNLOAD_TIMEOUT_SECONDS = 60.0
 
 
 def _timestamp(value: object) -> float | None:
@@ -74,6 +79,27 @@ def _models(loaded: bool) -> Any:
         return [_model(entry, reply.endpoint, loaded) for entry in entries]
 
     return parse
+
+
+def _states(reply: Reply) -> tuple[ModelState, ...]:
+    return tuple(
+        ModelState(
+            name=model.name,
+            residence=Residence.LOADED,
+            expires_at=model.expires_at,
+            memory_bytes=model.memory_bytes,
+            vram_bytes=model.vram_bytes,
+        )
+        for model in _models(loaded=True)(reply)
+    )
+
+
+def _done(reply: Reply) -> None:
+    body = expect(reply.json(), dict, "the body", reply.endpoint)
+    if "error" in body:
+        raise ProviderError(
+            FailureClass.INVALID_RESPONSE, text(str(body["error"]), 200), endpoint=reply.endpoint
+        )
 
 
 def _version(reply: Reply) -> tuple[str, float]:
@@ -169,11 +195,34 @@ class OllamaProvider:
         )
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
-        """One streamed /api/chat request; Ollama reports its own durations in nanoseconds."""
-        body = {
+        """One streamed /api/chat request; Ollama reports its own durations in nanoseconds.
+
+        Every request restarts the model's keep-alive timer, so the probe asks for no more
+        than the model had left: probing never keeps a model loaded.
+        """
+        body: dict[str, Any] = {
             "model": model,
             "messages": [{"role": "user", "content": spec.prompt}],
             "stream": True,
             "options": {"num_predict": spec.max_tokens},
         }
+        if spec.keep_alive is not None:
+            body["keep_alive"] = -1 if spec.keep_alive < 0 else round(spec.keep_alive, 3)
         return await self.client.stream("/api/chat", body, _read_chat, timeout=spec.timeout)
+
+    async def model_states(self) -> tuple[ModelState, ...]:
+        """The loaded models, from /api/ps (which neither loads a model nor moves its expiry)."""
+        states = await self.client.fetch("/api/ps", _states)
+        return states or ()
+
+    async def load_model(self, model: str, *, pin: bool) -> None:
+        """Load a model with an empty /api/generate (pin: keep_alive -1, else the default)."""
+        body: dict[str, Any] = {"model": model, "stream": False}
+        if pin:
+            body["keep_alive"] = -1
+        await self.client.post("/api/generate", body, _done, timeout=LOAD_TIMEOUT_SECONDS)
+
+    async def unload_model(self, model: str) -> None:
+        """Unload a model now: an empty /api/generate with keep_alive 0."""
+        body = {"model": model, "stream": False, "keep_alive": 0}
+        await self.client.post("/api/generate", body, _done, timeout=UNLOAD_TIMEOUT_SECONDS)

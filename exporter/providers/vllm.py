@@ -7,19 +7,29 @@ normalized names, histograms with their own buckets:
     vllm:num_requests_waiting{engine="0",model_name="tiny"} 4   -> llm_requests_waiting{model="tiny"} 4
     vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.27 -> llm_kv_cache_usage_ratio 0.27
     vllm:time_to_first_token_seconds_bucket{le="0.06",...} 4   -> llm_time_to_first_token_seconds_bucket
+
+Which models are in memory (the residency read) comes from /v1/models and the sleep
+mode's gauge (vllm/v1/metrics/loggers.py), 1 on the state the engine is in:
+
+    vllm:engine_sleep_state{engine="0",model_name="tiny",sleep_state="awake"} 0.0
+    vllm:engine_sleep_state{engine="0",model_name="tiny",sleep_state="weights_offloaded"} 1.0
+    vllm:engine_sleep_state{engine="0",model_name="tiny",sleep_state="discard_all"} 0.0
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, ClassVar
 
 from .base import (
     EngineSnapshot,
     Findings,
     ModelSnapshot,
+    ModelState,
     ProbeMeasurement,
     ProbeSpec,
     ProviderSnapshot,
+    Residence,
     expect,
     number,
     text,
@@ -53,6 +63,7 @@ _HISTOGRAMS = {
     "queue_duration": ("vllm:request_queue_time_seconds",),
 }
 FINISHED = "vllm:request_success_total"
+SLEEP_STATE = "vllm:engine_sleep_state"
 _WANTED = frozenset(
     [
         *(name for names in _GAUGES.values() for name in names),
@@ -119,6 +130,18 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
     ]
 
 
+def _awake(reply: Reply) -> dict[str, bool]:
+    """Per model_name of the sleep-state gauge: whether an engine of it is awake."""
+    awake: dict[str, bool] = {}
+    for sample in parse_samples(reply.text(), (SLEEP_STATE,), reply.endpoint):
+        model = sample.labels.get(MODEL, "")
+        # "awake" is 1 on an awake engine and 0 on a sleeping one, whose level is the
+        # other series that is 1 (or none, when only its KV cache was released).
+        is_awake = sample.labels.get("sleep_state") == "awake" and sample.value >= 1
+        awake[model] = awake.get(model, False) or is_awake
+    return awake
+
+
 class VllmProvider:
     """Reads a vLLM server."""
 
@@ -147,6 +170,35 @@ class VllmProvider:
             models=tuple(models or []),
             engines=tuple(engines or []),
         )
+
+    async def model_states(self) -> tuple[ModelState, ...]:
+        """Every served model, loaded unless the sleep-state gauge says its engine sleeps.
+
+        vLLM has no load or unload; sleep mode (POST /sleep, /wake_up) frees an engine's
+        memory without ending the server. /metrics is read as it is for a scrape: it never
+        wakes an engine.
+        """
+        answers = await asyncio.gather(
+            self.client.fetch("/v1/models", _models),
+            self.client.fetch("/metrics", _awake),
+            return_exceptions=True,
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        models, awake = answers
+        # Neither is optional: each gave its value or raised.
+        assert isinstance(models, list) and isinstance(awake, dict)
+        # One server runs one engine (and data-parallel copies of it): every name it lists,
+        # aliases and LoRA adapters included, is in memory exactly when that engine is.
+        engine_awake = any(awake.values()) if awake else True
+        states = []
+        for model in models[: self.config.max_models]:
+            is_awake = awake.get(model.name, engine_awake)
+            states.append(
+                ModelState(model.name, Residence.LOADED if is_awake else Residence.SLEEPING)
+            )
+        return tuple(states)
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:
         """One streamed chat completion, measured."""

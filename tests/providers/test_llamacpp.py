@@ -128,7 +128,10 @@ async def test_many_polls_on_keepalive_connections_raise_no_false_alarm(
     llama_server: LlamaCppServer,
 ) -> None:
     """llama-server closes a keep-alive connection after 100 requests; that is not a failure."""
-    config = config_of(provider_yaml("local", "llamacpp", llama_server.url))
+    # Counted below are the collections' own requests: the model watcher is not running.
+    config = config_of(
+        provider_yaml("local", "llamacpp", llama_server.url, lifecycle="{watch: false}")
+    )
     async with running(config) as exporter:
         for _ in range(50):  # 250 requests over a handful of pooled connections
             await exporter.exporter.collect()

@@ -87,7 +87,9 @@ JSON = st.recursive(
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.dictionaries(
-            st.sampled_from(["data", "models", "id", "name", "meta", "size", "version", "details"]),
+            st.sampled_from(
+                ["data", "models", "id", "name", "meta", "size", "version", "details", "status"]
+            ),
             inner,
             max_size=4,
         ),
@@ -95,10 +97,12 @@ JSON = st.recursive(
     max_leaves=20,
 )
 PARSERS = [
-    ("/v1/models", llamacpp._models),
+    ("/v1/models", llamacpp._listing()),
+    ("/models", llamacpp._listing(100)),
     ("/slots", llamacpp._slots),
     ("/api/tags", ollama._models(loaded=False)),
     ("/api/ps", ollama._models(loaded=True)),
+    ("/api/ps", ollama._states),
     ("/api/version", ollama._version),
     ("/models", openai._models),
     ("/v1/models", vllm._models),

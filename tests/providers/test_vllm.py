@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+from exporter.client import ConnectionStats, ProviderClient
+from exporter.errors import FailureClass, ProviderError
+from exporter.providers.base import ModelControl, ModelResidency, ModelState, Residence
 from exporter.providers.promtext import histograms_by, parse_samples
+from exporter.providers.vllm import VllmProvider
 from tests.helpers import config_of, provider_yaml, running
-from tests.standins import StandIn, fixture, vllm_routes
+from tests.standins import Handler, StandIn, fixture, reply, vllm_routes
 
 
 def truth(name: str, text: str) -> float:
@@ -112,3 +118,32 @@ def test_engines_are_summed_per_model() -> None:
     assert merged["m"].buckets == ((0.1, 4.0), (math.inf, 7.0))
     assert merged["m"].sum == 2.0
     assert merged["m"].count == 7.0
+
+
+async def model_states_of(routes: dict[str, Handler]) -> tuple[ModelState, ...]:
+    """A vLLM provider's residency read of a stand-in serving routes."""
+    async with StandIn(routes) as server:
+        config = config_of(provider_yaml("vllm", "vllm", server.url)).providers[0]
+        async with ProviderClient(config, ConnectionStats()) as client:
+            provider = VllmProvider(config, client)
+            assert isinstance(provider, ModelResidency)
+            assert not isinstance(provider, ModelControl)  # vLLM offers no load or unload
+            return await provider.model_states()
+
+
+@pytest.mark.parametrize(
+    ("page", "residence"),
+    [
+        ("vllm_metrics_after.txt", Residence.LOADED),  # awake 1
+        ("vllm_metrics_sleeping.txt", Residence.SLEEPING),  # awake 0, weights_offloaded 1
+        ("vllm_metrics_older.txt", Residence.LOADED),  # no sleep-state gauge: served is loaded
+    ],
+)
+async def test_residency_follows_the_sleep_state_gauge(page: str, residence: Residence) -> None:
+    assert await model_states_of(vllm_routes(metrics=page)) == (ModelState("tiny", residence),)
+
+
+async def test_residency_read_fails_when_the_models_are_unread() -> None:
+    with pytest.raises(ProviderError) as failed:
+        await model_states_of(vllm_routes(**{"/v1/models": reply("busy", 503, "text/plain")}))
+    assert (failed.value.failure, failed.value.endpoint) == (FailureClass.HTTP_5XX, "/v1/models")
