@@ -157,6 +157,11 @@ class ProviderLifecycle:
         """The models held in memory (loaded or sleeping) at the last read."""
         return {n: s for n, s in (self.previous or {}).items() if s.residence in _HELD}
 
+    def coming_or_held(self) -> dict[str, ModelState]:
+        """The models held or being loaded at the last read."""
+        states = (self.previous or {}).items()
+        return {n: s for n, s in states if s.residence in (*_HELD, Residence.LOADING)}
+
     def observe(self, states: Iterable[ModelState], now: float) -> list[LifecycleEvent]:
         """Turn one read into events, comparing it with the read before."""
         current: dict[str, ModelState] = {}
@@ -484,8 +489,9 @@ class Lifecycle:
 
     async def _start_policy(self, config: ProviderConfig) -> None:
         lifecycle = self.stats.of(config)
-        held = lifecycle.held()
+        held = lifecycle.coming_or_held()
         pinned = set(config.lifecycle.pin)
+        # Pinned models are asked for even when loaded: Ollama then keeps them for ever.
         for model in config.lifecycle.pin:
             await self._load(config, model, pin=True, reason="pin")
         for model in config.lifecycle.preload:
@@ -501,7 +507,7 @@ class Lifecycle:
         held = lifecycle.held()
         now = self.wall_clock()
         for model in policy.pin:
-            if model in held or model in lifecycle.expected:
+            if model in lifecycle.coming_or_held() or model in lifecycle.expected:
                 continue
             failed_at = self._pin_failed.get((config.name, model))
             if failed_at is not None and now - failed_at < PIN_RETRY_SECONDS:
@@ -576,7 +582,7 @@ class Lifecycle:
         record.in_flight += 1
         if _unloads(document):
             lifecycle.requested[model] = self.wall_clock()
-        if not config.lifecycle.limited or model in lifecycle.held():
+        if not config.lifecycle.limited or model in lifecycle.coming_or_held():
             return
         lock = self._locks.setdefault(provider, asyncio.Lock())
         try:
@@ -592,7 +598,7 @@ class Lifecycle:
         self, config: ProviderConfig, lifecycle: ProviderLifecycle, model: str
     ) -> None:
         policy = config.lifecycle
-        held = lifecycle.held()
+        held = lifecycle.coming_or_held()
         if model in held or model in lifecycle.expected:
             return
         # Held at the last read, let through to load since, or being loaded for a request

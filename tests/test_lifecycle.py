@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from exporter.config import LifecycleConfig, ProviderConfig
 from exporter.lifecycle import (
@@ -28,6 +29,12 @@ from exporter.lifecycle import (
 from exporter.providers.base import ModelState, Residence
 from tests.helpers import Running, config_of, provider_yaml, running
 from tests.ollama_standin import OllamaLifecycle
+from tests.router_standin import LOADED as LOADED_STATE
+from tests.router_standin import SLEEPING as SLEEPING_STATE
+from tests.router_standin import UNLOADED as UNLOADED_STATE
+from tests.router_standin import Model as RouterModel
+from tests.router_standin import Router
+from tests.standins import StandIn
 
 HELD = Residence.LOADED
 
@@ -354,3 +361,72 @@ async def test_idle_unload_unloads_after_the_idle_time_and_not_before() -> None:
 def test_lifecycle_config_defaults_watch_without_policy() -> None:
     assert LifecycleConfig().watch and not LifecycleConfig().policy
     assert LifecycleConfig(max_loaded=1).limited
+
+
+async def test_a_failed_action_never_blocks_a_request() -> None:
+    """max_loaded 1, and the server refuses every unload: the request for the second model
+    still goes through, and the failure is counted."""
+    ollama = OllamaLifecycle(("a", "b"), default_keep_alive=300)
+    load_or_generate = ollama.routes()["/api/generate"]
+
+    async def refuse_unloads(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("keep_alive") == 0:
+            return web.json_response({"error": "unload refused"}, status=500)
+        return await load_or_generate(request)
+
+    server = await StandIn({**ollama.routes(), "/api/generate": refuse_unloads}).start()
+    ollama.server = server
+    try:
+        provider = provider_yaml(
+            "ollama",
+            "ollama",
+            server.url,
+            lifecycle=f"{{watch_interval: {WATCH}, max_loaded: 1}}",
+            gateway="{listen: '127.0.0.1:0'}",
+        )
+        async with running(config_of(provider)) as exporter:
+            gateway = "http://" + exporter.exporter.gateway.addresses["ollama"]
+            await chat(gateway, "a")
+            await until(lambda: ("a", LOADED, "") in seen(exporter), "load of a")
+            await chat(gateway, "b")
+            scrape = await exporter.scrape()
+    finally:
+        await server.close()
+    assert [m for m, what, _ in history(ollama) if what == LOADED] == ["a", "b"]
+    failed = {"provider": "ollama", "action": "unload", "reason": "max_loaded"}
+    assert scrape.value("llm_lifecycle_actions_total", outcome="failure", **failed) == 1
+
+
+async def test_router_pin_loads_at_start_and_again_after_an_unload_and_sleep_is_seen() -> None:
+    router = Router(
+        {"kept": RouterModel(UNLOADED_STATE), "other": RouterModel(LOADED_STATE)},
+        load_seconds=0.3,
+    )
+    async with StandIn(router.routes()) as server:
+        provider = provider_yaml(
+            "router",
+            "llamacpp",
+            server.url,
+            lifecycle=f"{{watch_interval: {WATCH}, pin: [kept]}}",
+        )
+        async with running(config_of(provider)) as exporter:
+            await until(lambda: ("kept", LOADED, "") in seen(exporter), "the pin's load")
+            router.set_state("other", SLEEPING_STATE)
+            await until(lambda: ("other", SLEPT, "") in seen(exporter), "other asleep")
+            router.set_state("kept", UNLOADED_STATE)  # another client unloads it
+            await until(lambda: seen(exporter).count(("kept", LOADED, "")) == 2, "a reload")
+            scrape = await exporter.scrape()
+    kept = {"provider": "router", "model": "kept"}
+    # Timed from loading to loaded by 50 ms reads: the router's 0.3 s, give or take a read.
+    assert scrape.value("llm_model_load_duration_seconds_count", **kept) == 2
+    total = scrape.value("llm_model_load_duration_seconds_sum", **kept) or 0
+    assert 2 * 0.3 - 0.1 <= total <= 2 * 0.3 + 0.5
+    assert scrape.value("llm_model_unloads_total", cause=UNKNOWN, **kept) == 1
+    assert scrape.value("llm_model_sleeping", provider="router", model="other") == 1
+    loads = [s for s in router.seen if s.path == "/models/load"]
+    assert len(loads) == 2
+    assert router.autoloaded == [] and router.woken == []
+    for request in router.seen:
+        if request.path in ("/metrics", "/slots", "/props") and "model" in request.query:
+            assert request.state == LOADED_STATE, request
