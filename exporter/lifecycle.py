@@ -448,23 +448,39 @@ class Lifecycle:
     async def _watch(self, config: ProviderConfig) -> None:
         policy = config.lifecycle
         started = False
-        while True:
-            config = self.configs.get(config.name, config)
-            try:
-                read = await self.read(config.name) is not None
-                if read and not started and policy.policy:
-                    await self._start_policy(config)
+        # The policy acts beside the reads, one round at a time: a load that takes minutes
+        # must not stop the watcher from seeing what happens meanwhile.
+        acting: asyncio.Task[None] | None = None
+        try:
+            while True:
+                config = self.configs.get(config.name, config)
+                try:
+                    read = await self.read(config.name) is not None
+                except Exception as exc:  # a bug in one round must not end the watcher
+                    read = False
+                    log.warning(
+                        "lifecycle read failed",
+                        extra=fields(provider=config.name, error=type(exc).__name__),
+                    )
+                if read and policy.policy and (acting is None or acting.done()):
+                    acting = asyncio.ensure_future(self._act(config, first=not started))
                 started = started or read
-                if started:
-                    await self._keep(config)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug in one round must not end the watcher
-                log.warning(
-                    "lifecycle round failed",
-                    extra=fields(provider=config.name, error=type(exc).__name__),
-                )
-            await asyncio.sleep(policy.watch_interval)
+                await asyncio.sleep(policy.watch_interval)
+        finally:
+            if acting is not None:
+                acting.cancel()
+
+    async def _act(self, config: ProviderConfig, *, first: bool) -> None:
+        """One round of the policy: the start's loads first, then what keeps it true."""
+        try:
+            if first:
+                await self._start_policy(config)
+            await self._keep(config)
+        except Exception as exc:  # a bug in one round must not stop the next
+            log.warning(
+                "lifecycle policy round failed",
+                extra=fields(provider=config.name, error=type(exc).__name__),
+            )
 
     async def read(self, provider: str) -> list[LifecycleEvent] | None:
         """Read one provider's models now and record what changed; None if it was not read."""

@@ -430,3 +430,22 @@ async def test_router_pin_loads_at_start_and_again_after_an_unload_and_sleep_is_
     for request in router.seen:
         if request.path in ("/metrics", "/slots", "/props") and "model" in request.query:
             assert request.state == LOADED_STATE, request
+
+
+async def test_a_load_that_hangs_does_not_stop_the_watcher() -> None:
+    ollama = OllamaLifecycle(("a", "b"), default_keep_alive=300)
+    routes = ollama.routes()
+
+    async def hang_loads(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    server = await StandIn({**routes, "/api/generate": hang_loads}).start()
+    try:
+        lifecycle = f"{{watch_interval: {WATCH}, pin: [a]}}"
+        provider = provider_yaml("ollama", "ollama", server.url, lifecycle=lifecycle)
+        async with running(config_of(provider)) as exporter:
+            await chat(server.url, "b")  # while the pin's load hangs
+            await until(lambda: ("b", LOADED, "") in seen(exporter), "load of b")
+    finally:
+        await server.close()
