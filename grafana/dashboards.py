@@ -58,10 +58,20 @@ PM = 'provider=~"$provider", model=~"$model"'
 GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
 UP_DOWN = ((1, "up"), (0, "down"))
 LOADED = ((1, "loaded"), (0, "on disk"))
+# A pinned model: loaded, held asleep (its memory released, its server kept), or neither.
+PINNED_STATES = (("1", "loaded", GREEN), ("2", "asleep", BLUE), ("0", "not loaded", RED))
 # Grafana has no token unit; a custom suffix shows "42.1 tokens/s".
 TOKENS_PER_SECOND = "suffix:tokens/s"
 # Seconds of work per second of time (the provider's time the gateway's cache saved).
 SECONDS_PER_SECOND = "suffix:s/s"
+# Events per hour (a model evicted and loaded again).
+PER_HOUR = "suffix:/h"
+# The thresholds of the lifecycle alerts the Models dashboard names (prometheus/rules/
+# llm-alerts.yml; tests/test_dashboards.py compares them): LLMModelThrashing fires when a
+# model is evicted and loaded again more than THRASHING times within an hour, and
+# LLMModelLoadSlow when the 95th percentile of its loads over an hour passes LOAD_SLOW_SECONDS.
+THRASHING = 3
+LOAD_SLOW_SECONDS = 30.0
 # The gateway's requests the error ratio judges, as LLMGatewayErrorRatioHigh does: not
 # those the client abandoned, nor those the gateway's queue turned away (its own 429 or
 # 503, not the provider's failure), nor those answered from its cache (the provider never
@@ -305,6 +315,37 @@ def series_panel(
     if unit == "percentunit":
         builder = builder.min(0).max(1)
     return panel(builder, title, description, unit, targets, w=w, h=h)
+
+
+def events_panel(
+    title: str, description: str, targets: list[prometheus.Dataquery], *, w: int = 12
+) -> timeseries.Panel:
+    """Events counted in each interval, as stacked bars: a timeline of what happened."""
+    return (
+        series_panel(title, description, "short", targets, w=w, stacked=True)
+        .draw_style(common.GraphDrawStyle.BARS)
+        .fill_opacity(80)
+    )
+
+
+def state_panel(
+    title: str,
+    description: str,
+    targets: list[prometheus.Dataquery],
+    states: list[models.ValueMapping],
+    *,
+    w: int = 12,
+) -> statetimeline.Panel:
+    """A state timeline: one band per series, coloured by the state its value maps to."""
+    builder = (
+        statetimeline.Panel()
+        .show_value(common.VisibilityMode.NEVER)
+        .merge_values(True)
+        .row_height(0.9)
+        .fill_opacity(70)
+        .line_width(0)
+    )
+    return panel(builder, title, description, "none", targets, w=w).mappings(states)
 
 
 def heatmap_panel(title: str, description: str, expr: str, *, w: int = 12) -> heatmap.Panel:
@@ -1575,7 +1616,8 @@ def resources() -> builders.Dashboard:
 
 
 def models_dashboard() -> builders.Dashboard:
-    """LLM Models: the inventory, what is loaded, load times and expiry."""
+    """LLM Models: the inventory, what is loaded, expiry, and the lifecycle row: loads and
+    unloads by cause, load times, thrashing, time loaded and idle, VRAM, pins, the policy."""
     per_model = "{{provider}}/{{model}}"
     inventory = merge_table(
         "Model inventory",
@@ -1620,19 +1662,12 @@ def models_dashboard() -> builders.Dashboard:
         states=value_map(("loaded", "loaded", GREEN), ("on disk", "on disk", BLUE)),
         h=10,
     )
-    loaded = panel(
-        statetimeline.Panel()
-        .show_value(common.VisibilityMode.NEVER)
-        .merge_values(True)
-        .row_height(0.9)
-        .fill_opacity(70)
-        .line_width(0),
+    loaded = state_panel(
         "Loaded models",
         "Which models are loaded in memory (1) or only on disk (0), over time.",
-        "none",
         [query(f"llm_model_loaded{{{PM}}}", per_model)],
-        w=12,
-    ).mappings(value_map(("0", "on disk", BLUE), ("1", "loaded", GREEN)))
+        value_map(("0", "on disk", BLUE), ("1", "loaded", GREEN)),
+    )
     expiry = panel(
         bargauge.Panel()
         .display_mode(common.BarGaugeDisplayMode.BASIC)
@@ -1651,24 +1686,189 @@ def models_dashboard() -> builders.Dashboard:
         base(
             "llm-models",
             "LLM Models",
-            "The models the LLM inference servers know and have loaded, their load times and expiry.",
+            "The models the LLM inference servers know and have loaded, their expiry, and their "
+            "lifecycle: loads and unloads with their causes, load times, evictions, pins.",
         )
         .with_panel(inventory)
         .with_panel(loaded)
         .with_panel(expiry)
+        .with_row(row("Lifecycle"))
+        .with_panel(
+            events_panel(
+                "Loads and unloads",
+                "What the lifecycle watcher saw happen to each model in each interval: loads, "
+                "unloads by cause (idle: its keep-alive ran out; evicted: another model was "
+                "loaded while it was within its keep-alive; requested: by the lifecycle policy "
+                "or a client's keep_alive 0; failed: its server process failed; unknown) and "
+                "loads that failed. The /models endpoint lists the last 200 of these events.",
+                [
+                    query(
+                        f"sum by (provider, model) (increase(llm_model_loads_total{{{PM}}}[{RATE}]))",
+                        f"{per_model} loaded",
+                        ref="A",
+                    ),
+                    query(
+                        "sum by (provider, model, cause)"
+                        f" (increase(llm_model_unloads_total{{{PM}}}[{RATE}]))",
+                        f"{per_model} unloaded ({{{{cause}}}})",
+                        ref="B",
+                    ),
+                    query(
+                        "sum by (provider, model)"
+                        f" (increase(llm_model_load_failures_total{{{PM}}}[{RATE}]))",
+                        f"{per_model} load failed",
+                        ref="C",
+                    ),
+                ],
+            )
+        )
         .with_panel(
             series_panel(
-                "Model load duration (p95)",
-                "95th percentile of the time a provider spent loading a model for a probe (Ollama's load_duration).",
+                "Thrashing: evicted and reloaded",
+                "How often each model is evicted and loaded again, per hour at the pace of the "
+                "interval: the fewer of its evictions and its loads. A model that keeps being "
+                "pushed out for another and loaded back makes every request that finds it gone "
+                f"wait for a load. LLMModelThrashing fires when it happens more than {THRASHING} "
+                "times within an hour.",
+                PER_HOUR,
+                [
+                    query(
+                        "3600 * ("
+                        "sum by (provider, model) (rate(llm_model_unloads_total"
+                        f'{{{PM}, cause="evicted"}}[{RATE}]))'
+                        " < sum by (provider, model)"
+                        f" (rate(llm_model_loads_total{{{PM}}}[{RATE}]))"
+                        " or sum by (provider, model)"
+                        f" (rate(llm_model_loads_total{{{PM}}}[{RATE}]))"
+                        ")",
+                        per_model,
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Model load duration",
+                "Median and 95th percentile of the time each load of a model took, one "
+                "observation per load the lifecycle watcher saw: as the request that waited for "
+                "it reported (Ollama's load_duration, from the gateway or a probe), else from "
+                "loading to loaded (llama.cpp in router mode). LLMModelLoadSlow fires when the "
+                f"95th percentile over an hour passes {LOAD_SLOW_SECONDS:g} s. (With "
+                "lifecycle.watch off: one observation per probe, near 0 when the model was "
+                "loaded.)",
                 "s",
-                [query(quantile(0.95, "llm_model_load_duration_seconds"), f"p95 {per_model}")],
+                quantiles("llm_model_load_duration_seconds", (0.5, 0.95)),
             )
         )
         .with_panel(
             heatmap_panel(
                 "Model load duration heatmap",
-                "Distribution of model load times over the selected models (Ollama, measured by probes).",
+                "Distribution of the load times over the selected models, one observation per "
+                "load the lifecycle watcher saw.",
                 f"sum by (le) (increase(llm_model_load_duration_seconds_bucket{{{PM}}}[{RATE}]))",
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Time loaded",
+                "How long each model has been in memory since the lifecycle watcher saw it "
+                "load (models loaded before the exporter started are not shown): a saw-tooth "
+                "that drops at each reload.",
+                "s",
+                [query(f"time() - llm_model_loaded_timestamp_seconds{{{PM}}}", per_model)],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Time since last use",
+                "How long since the last request for each loaded model through the gateway "
+                "ended (models used only around the gateway are not shown): candidates for "
+                "lifecycle.idle_unload.",
+                "s",
+                [
+                    query(
+                        f"(time() - llm_model_last_used_timestamp_seconds{{{PM}}})"
+                        f" and on (provider, model) llm_model_loaded{{{PM}}} == 1",
+                        per_model,
+                    )
+                ],
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "VRAM per loaded model",
+                "GPU memory each loaded model takes, stacked per provider (Ollama's size_vram; "
+                "the LLM Resources dashboard compares it with the model's total).",
+                "bytes",
+                [
+                    query(
+                        f'sum by (provider, model) (llm_model_memory_bytes{{{PM}, memory="vram"}})',
+                        per_model,
+                    )
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+        .with_panel(
+            state_panel(
+                "Pinned models",
+                "Each model the lifecycle policy pins (lifecycle.pin): loaded, held asleep, or "
+                "not loaded. The policy loads a pinned model again whenever it goes; "
+                "LLMPinnedModelNotLoaded fires when one stays not loaded for 10 minutes while "
+                "its provider is up.",
+                [
+                    query(
+                        f"(max by (provider, model) (llm_model_sleeping{{{PM}}}) == 1) * 2"
+                        f" * on (provider, model) max by (provider, model) (llm_model_pinned{{{PM}}})"
+                        f" or max by (provider, model) (llm_model_loaded{{{PM}}})"
+                        f" * on (provider, model) max by (provider, model) (llm_model_pinned{{{PM}}})"
+                        f" or max by (provider, model) (llm_model_pinned{{{PM}}}) * 0",
+                        per_model,
+                    )
+                ],
+                value_map(*PINNED_STATES),
+                w=8,
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Policy actions and failed reads",
+                "Loads and unloads the lifecycle policy asked of each provider in each interval, "
+                "by action, reason (pin, preload, idle, max_loaded, max_memory) and outcome; and "
+                "the watcher's reads of what the provider holds that failed (while they fail, no "
+                "event is seen; 0 while none).",
+                "short",
+                [
+                    query(
+                        "sum by (provider, action, reason, outcome)"
+                        f" (increase(llm_lifecycle_actions_total{{{P}}}[{RATE}]))",
+                        "{{provider}} {{action}} {{reason}} {{outcome}}",
+                        ref="A",
+                    ),
+                    query(
+                        "sum by (provider) (increase(llm_lifecycle_reads_total"
+                        f'{{{P}, outcome="failure"}}[{RATE}]))'
+                        " or sum by (provider)"
+                        f" (increase(llm_lifecycle_reads_total{{{P}}}[{RATE}])) * 0",
+                        "{{provider}} failed reads",
+                        ref="B",
+                    ),
+                ],
+                w=8,
+                stacked=True,
+            )
+        )
+        .with_panel(
+            state_panel(
+                "Sleeping models",
+                "Models held in memory, awake or asleep (vLLM's sleep mode, llama.cpp's router: "
+                "the weights released, the server kept; the next request wakes it).",
+                [query(f"llm_model_sleeping{{{PM}}}", per_model)],
+                value_map(("0", "awake", GREEN), ("1", "asleep", BLUE)),
+                w=8,
             )
         )
     )

@@ -113,7 +113,12 @@ class OllamaLifecycle:
                 await asyncio.sleep(0.005)
                 continue
             if len(self.loaded) >= self.max_loaded:
-                idle = [(r.keep_alive, n) for n, r in self.loaded.items() if r.busy == 0]
+                # A negative keep-alive is Ollama's longest duration: such a model goes last.
+                idle = [
+                    (FOREVER if r.keep_alive < 0 else r.keep_alive, n)
+                    for n, r in self.loaded.items()
+                    if r.busy == 0
+                ]
                 if not idle:
                     async with self.changed:
                         await asyncio.wait_for(self.changed.wait(), 30)

@@ -4,7 +4,9 @@ One module-scoped stack: llama.cpp's own server, stand-ins for what cannot run h
 (Ollama, a recorded vLLM, an OpenAI-compatible API, a GPU), the exporter scraping them
 with a measuring gateway in front of llama.cpp and Ollama (some real requests go through
 it; llama.cpp's gateway has a queue and a cache, Ollama's a queue that turns requests
-away), Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is
+away), a second Ollama stand-in with Ollama's scheduler whose models the exporter's
+lifecycle watcher follows (one pinned, two that clients switch between and so evict each
+other), Prometheus scraping the exporter with the bundle's rules (a copy whose `for` is
 2 s), and Alertmanager with the bundle's routing, every receiver pointed at a webhook here.
 """
 
@@ -31,6 +33,7 @@ from aiohttp import web
 from exporter.server import Exporter, create_app
 from llamacpp_server import LlamaCppServer, free_port
 from tests.helpers import config_of, provider_yaml
+from tests.ollama_standin import OllamaLifecycle
 from tests.standins import (
     StandIn,
     closed_port,
@@ -66,6 +69,11 @@ OLLAMA_GENERATE = {
     "eval_duration": 4709213000,
 }
 GENERATE_SECONDS = 2.0
+# The lifecycle stand-in: it holds two models at once, one of them pinned by the exporter's
+# policy; clients switch between the two others, each asked to stay for ever (keep_alive -1),
+# so each switch evicts the other one: more than 3 times each, LLMModelThrashing's threshold.
+PINNED, SWITCHED = "pinned", ("a", "b")
+SWITCHES = 10
 
 
 class Loop:
@@ -210,6 +218,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             ):
                 standins.append(await StandIn(routes).start())
             ollama, vllm, api = standins
+            lifecycle = OllamaLifecycle(
+                (PINNED, *SWITCHED), max_loaded=2, load_seconds=0.05, generate_seconds=0.01
+            )
+            standins.append(await lifecycle.serve())
+            models = standins[-1]
             probes = "{interval: 1s, jitter: 0, timeout: 1s, max_tokens: 8}"
             # llama.cpp's gateway: a queue at its two slots, and the cache. Ollama's: one slot
             # and no room to wait, so a request that comes while another holds the slot is
@@ -228,6 +241,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 provider_yaml("vllm", "vllm", vllm.url),
                 provider_yaml("api", "openai", f"{api.url}/v1", probes="{interval: 1s, jitter: 0, timeout: 1s, models: [gpt-4o-mini]}"),
                 provider_yaml("gone", "ollama", f"http://127.0.0.1:{closed_port()}", timeout="1s"),
+                provider_yaml("models", "ollama", models.url, gateway="{listen: '127.0.0.1:0'}",
+                              lifecycle=f"{{watch_interval: 50ms, pin: [{PINNED}]}}"),
             )  # fmt: skip
             exporter = Exporter(config, nvml=StandInNvml(llama.pid or 0))
             runner, port = await serve(create_app(exporter))
@@ -301,7 +316,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
                 timeout=30,
             ).raise_for_status()
-        wait_for(lambda: len(result.query("llm_provider_up")) == 5, "the first scrape", 40)
+        wait_for(lambda: len(result.query("llm_provider_up")) == 6, "the first scrape", 40)
         # Real requests through the gateways: llama.cpp streamed (with usage, from a named
         # client) and not, Ollama's streamed /api/chat. Ollama counts nothing itself, so its
         # tokens and time to first token come from its gateway only. A gateway series is born
@@ -350,13 +365,39 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             ).raise_for_status()
             turned_away()
 
+        def switch_to(model: str) -> None:
+            """A client's request for one of the switched models, through the gateway of the
+            lifecycle stand-in; then two reads of its watcher after it, which see what the
+            request loaded and evicted."""
+            assert exporter is not None
+            httpx.post(
+                f"http://{gateways['models']}/api/chat",
+                json={"model": model, "messages": hi, "keep_alive": -1},
+                timeout=30,
+            ).raise_for_status()
+            reads = exporter.lifecycle_stats.reads
+            done = reads.get(("models", "success"), 0)
+            wait_for(lambda: reads.get(("models", "success"), 0) >= done + 2, "two reads", 10, 0.02)
+
         through_the_gateways()
         wait_for(
             lambda: len(result.query("llm_gateway_time_to_first_token_seconds_count")) == 2,
             "the gateways' first requests scraped",
             30,
         )
+        # The lifecycle stand-in: the pinned model was loaded by the policy at the start; a
+        # first request for each switched model (the second evicts the first), scraped before
+        # the switching, so that the rate windows and LLMModelThrashing's hour see it all.
+        for model in SWITCHED:
+            switch_to(model)
+        wait_for(
+            lambda: len(result.query('llm_model_loads_total{provider="models"}')) == 3,
+            "the lifecycle stand-in's models scraped",
+            30,
+        )
         through_the_gateways()
+        for switch in range(SWITCHES):
+            switch_to(SWITCHED[switch % 2])
         wait_for(
             lambda: result.query(f"count_over_time(llm_provider_up{{provider='local'}}[{WINDOW}])")
             and float(result.query(f"count_over_time(llm_provider_up{{provider='local'}}[{WINDOW}])")[0]["value"][1]) >= 12,
@@ -616,10 +657,34 @@ def test_a_full_queue_fires_only_its_own_alert(stack: Stack) -> None:
     assert stack.query(f"increase({turned_away}[10m]) > 0")
 
 
+def test_models_that_evict_each_other_fire_thrashing_and_a_pinned_one_stays(stack: Stack) -> None:
+    """The lifecycle stand-in's clients switched between two models it cannot hold together
+    beside the pinned one: each evicted the other more than 3 times, and the rules raise
+    LLMModelThrashing for both. The pinned model stayed loaded all along (the policy loaded
+    it once): LLMPinnedModelNotLoaded was not even pending."""
+    thrashing = 'ALERTS{alertname="LLMModelThrashing", alertstate="firing", provider="models"}'
+
+    def both() -> list[dict[str, Any]] | None:
+        found = stack.query(thrashing)
+        return found if len(found) == len(SWITCHED) else None
+
+    firing = wait_for(both, "LLMModelThrashing firing for both switched models", 30)
+    assert {series["metric"]["model"] for series in firing} == set(SWITCHED)
+    evicted = 'llm_model_unloads_total{provider="models", cause="evicted"}'
+    counts = {s["metric"]["model"]: float(s["value"][1]) for s in stack.query(evicted)}
+    assert counts[PINNED] == 0 and min(counts[m] for m in SWITCHED) > 3, counts
+    pinned = 'ALERTS{alertname="LLMPinnedModelNotLoaded"}'
+    assert stack.query(f"count_over_time({pinned}[10m])") == []
+    assert stack.query(f'llm_model_loaded{{provider="models", model="{PINNED}"}} == 1')
+    loads = 'llm_lifecycle_actions_total{provider="models", action="load", reason="pin"}'
+    assert {s["metric"]["outcome"]: s["value"][1] for s in stack.query(loads)} == {"success": "1"}
+
+
 # Pairs of alerts posted to the bundle's Alertmanager, each pair about a provider of its
 # own: whether the first mutes the second ("NAME/SOURCE" carries source="SOURCE", as
-# LLMTimeToFirstTokenHigh does). The pairs share job and instance, so a pair not muted
-# also shows that an alert about another provider mutes nothing.
+# LLMTimeToFirstTokenHigh does; the model lifecycle's alerts carry model="m", or the model
+# after a "#"). The pairs share job and instance, so a pair not muted also shows that an
+# alert about another provider mutes nothing.
 INHIBITIONS = (
     # A full gateway queue, one cause: clients turned away say the most.
     ("LLMGatewayRequestsRejected", "LLMGatewayQueueSaturated", True),
@@ -643,12 +708,28 @@ INHIBITIONS = (
     ("LLMServingStalled", "LLMGatewayQueueWaitHigh", True),
     # A provider that does not answer explains them all.
     ("LLMProviderDown", "LLMGatewayRequestsRejected", True),
+    ("LLMProviderDown", "LLMPinnedModelNotLoaded", True),
+    # A pinned model not loaded: its failed loads explain it, for that model only; a partial
+    # collection may not have read what is loaded.
+    ("LLMModelLoadFailed", "LLMPinnedModelNotLoaded", True),
+    ("LLMModelLoadFailed", "LLMPinnedModelNotLoaded#other", False),
+    ("LLMPinnedModelNotLoaded", "LLMModelLoadFailed", False),
+    ("LLMProviderScrapeFailing", "LLMPinnedModelNotLoaded", True),
+    ("LLMModelThrashing", "LLMPinnedModelNotLoaded", False),
+    ("LLMModelThrashing", "LLMModelLoadSlow", False),
+)
+LIFECYCLE_ALERTS = (
+    "LLMModelThrashing",
+    "LLMModelLoadFailed",
+    "LLMPinnedModelNotLoaded",
+    "LLMModelLoadSlow",
 )
 INHIBITED_INSTANCE = "inhibitions:9741"
 
 
 def posted_alert(provider: str, name: str) -> dict[str, Any]:
     """An alert as Prometheus would send it for this provider (the rule's labels included)."""
+    name, _, model = name.partition("#")
     alertname, _, source = name.partition("/")
     labels = {
         "alertname": alertname,
@@ -659,6 +740,8 @@ def posted_alert(provider: str, name: str) -> dict[str, Any]:
     }
     if source:
         labels |= {"source": source, "model": "m"}
+    if alertname in LIFECYCLE_ALERTS:
+        labels["model"] = model or "m"
     if alertname == "LLMHealthDegraded":
         labels |= {"component": "provider", "state": "degraded"}
     now = time.time()
@@ -673,7 +756,8 @@ def posted_alert(provider: str, name: str) -> dict[str, Any]:
 
 def test_alertmanager_ranks_the_queue_alerts(stack: Stack) -> None:
     """The inhibitions of prometheus/alertmanager.yml in a real Alertmanager: a full gateway
-    queue is one cause, ranked; a stalled or stopped provider explains its queue."""
+    queue is one cause, ranked; a stalled or stopped provider explains its queue; a pinned
+    model's failed loads explain why it is not loaded."""
     cases = {f"case{index}": case for index, case in enumerate(INHIBITIONS)}
     alerts = [
         posted_alert(provider, name)
@@ -693,6 +777,7 @@ def test_alertmanager_ranks_the_queue_alerts(stack: Stack) -> None:
         for alert in found:
             labels = alert["labels"]
             name = labels["alertname"] + (f"/{labels['source']}" if "source" in labels else "")
+            name += f"#{labels['model']}" if labels.get("model", "m") != "m" else ""
             states[labels["provider"], name] = bool(alert["status"]["inhibitedBy"])
         return states
 

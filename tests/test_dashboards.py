@@ -413,6 +413,43 @@ def test_the_brief_metrics_are_all_on_a_dashboard() -> None:
     assert sorted(wanted - used) == []
 
 
+def test_every_lifecycle_metric_is_on_the_models_dashboard() -> None:
+    """The lifecycle row: loads and unloads by cause, failures, load times, time loaded and
+    since last use, pins, sleep, the policy's actions and the watcher's failed reads."""
+    queries = generator.panel_queries(DASHBOARDS["llm-models"])
+    used = {base_name(n) for _, expr in queries for n in METRIC.findall(expr)}
+    lifecycle = {
+        "llm_model_loads_total", "llm_model_unloads_total", "llm_model_load_failures_total",
+        "llm_model_sleeping", "llm_model_load_duration_seconds",
+        "llm_model_loaded_timestamp_seconds", "llm_model_last_used_timestamp_seconds",
+        "llm_model_pinned", "llm_lifecycle_actions_total", "llm_lifecycle_reads_total",
+        "llm_model_memory_bytes",
+    }  # fmt: skip
+    assert lifecycle <= set(METRICS)
+    assert sorted(lifecycle - used) == []
+
+
+def test_the_lifecycle_panels_say_what_the_lifecycle_alerts_do() -> None:
+    """The thresholds the Models dashboard quotes are the rules' (THRASHING: both counts of
+    LLMModelThrashing; LOAD_SLOW_SECONDS: LLMModelLoadSlow's), and the Pinned models panel
+    calls loaded what LLMPinnedModelNotLoaded does: loaded, or held asleep."""
+    alerts = alert_expressions()
+    (thrashing,) = alerts["LLMModelThrashing"]
+    assert [float(n) for n in ABOVE.findall(thrashing)] == [generator.THRASHING] * 2, thrashing
+    assert 'cause="evicted"' in thrashing
+    (slow,) = alerts["LLMModelLoadSlow"]
+    assert [float(n) for n in ABOVE.findall(slow)] == [generator.LOAD_SLOW_SECONDS], slow
+    (pinned,) = alerts["LLMPinnedModelNotLoaded"]
+    by_title = dict(generator.panel_queries(DASHBOARDS["llm-models"]))
+    for metric in ("llm_model_pinned", "llm_model_loaded", "llm_model_sleeping"):
+        assert metric in pinned and metric in by_title["Pinned models"], metric
+    descriptions = {p["title"]: p["description"] for p in panels(DASHBOARDS["llm-models"])}
+    assert (
+        f"more than {generator.THRASHING} times" in descriptions["Thrashing: evicted and reloaded"]
+    )
+    assert f"passes {generator.LOAD_SLOW_SECONDS:g} s" in descriptions["Model load duration"]
+
+
 def test_every_gateway_metric_is_on_the_traffic_dashboard() -> None:
     gateway = {name for name in METRICS if name.startswith("llm_gateway_")}
     queries = generator.panel_queries(DASHBOARDS["llm-traffic"])
