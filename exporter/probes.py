@@ -251,9 +251,15 @@ class ProbeRunner:
         remaining = state.expires_at - self.wall_clock()
         if remaining > FOREVER_SECONDS:
             return replace(spec, keep_alive=-1)
+        if remaining <= 0:
+            # Listed past its expiry: busy with a request (Ollama shows the expiry of the one
+            # before). Its stay is not known; a keep_alive of 0 would unload it when that
+            # request ends.
+            return spec
         last = self.stats.models.get((provider, state.name))
         took = last.last_duration if last is not None and last.last_duration else 0.0
-        return replace(spec, keep_alive=max(0.0, remaining - took))
+        # Never 0 either: that would unload the model at the probe's end, not at its expiry.
+        return replace(spec, keep_alive=max(remaining - took, min(remaining, 1.0)))
 
     async def probe(self, provider: str, model: str, spec: ProbeSpec) -> None:
         """One probe of one model, recorded."""

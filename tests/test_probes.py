@@ -10,9 +10,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from exporter.config import ProbeConfig, ProbeModel
-from exporter.probes import ProbeRunner, schedules, targets
-from exporter.providers.base import ModelSnapshot, ProbeSpec
+from exporter.config import Config, ProbeConfig, ProbeModel
+from exporter.probes import ProbeRunner, ProbeStats, schedules, targets
+from exporter.providers.base import ModelSnapshot, ModelState, ProbeSpec, Residence
 from llamacpp_server import LlamaCppServer
 from tests.helpers import Running, Scrape, config_of, parse, provider_yaml, running
 from tests.standins import (
@@ -327,3 +327,24 @@ async def test_probe_series_of_models_that_went_away_are_forgotten() -> None:
     assert len(probed) <= 5
     assert probed <= {f"m{r}-{i}" for r in (37, 38, 39) for i in range(3)}
     assert {"m39-0", "m39-1", "m39-2"} <= probed
+
+
+def test_an_ollama_probe_asks_for_no_more_than_the_model_had_left() -> None:
+    now = 1_000_000.0
+    runner = ProbeRunner(Config(), {}, ProbeStats(), models_of_nothing, wall_clock=lambda: now)
+    runner.stats.of("ollama", "m").last_duration = 2.0
+    spec = ProbeSpec("Hi", 4, 10.0)
+
+    def keep_alive(expires_at: float | None) -> float | None:
+        state = ModelState("m", Residence.LOADED, expires_at=expires_at)
+        return runner._spec(spec, "ollama", state).keep_alive
+
+    assert keep_alive(now + 120) == 118.0  # its time left, less what its last probe took
+    assert keep_alive(now + 1.5) == 1.0  # never 0: that would unload it at the probe's end
+    assert keep_alive(now - 5) is None  # past its expiry: busy, its stay unknown
+    assert keep_alive(None) is None
+    assert keep_alive(now + 292 * 365 * 86400) == -1  # kept for ever
+
+
+async def models_of_nothing(provider: str) -> None:
+    return None
