@@ -363,8 +363,9 @@ COMPONENT_COUNT = 20000
 
 def _component_costs(cpu: int) -> None:
     """Print, as JSON, the CPU microseconds per request of the admission queue's work for an
-    uncontended request (admit, then release) and of the cache's own work for a hit (plan:
-    canonical JSON and key; lookup; the answer), each the best of COMPONENT_REPEATS runs."""
+    uncontended request (admit, then release), of the cache's own work for a hit (plan:
+    canonical JSON and key; lookup; the answer), and of the model lifecycle's begin and end
+    of a request, each the best of COMPONENT_REPEATS runs."""
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from exporter.config import CacheConfig, QueueConfig
@@ -407,9 +408,29 @@ def _component_costs(cpu: int) -> None:
             cache.answer(entry, now)
         return (time.process_time() - started) / COMPONENT_COUNT * 1e6
 
+    async def lifecycle(limited: bool) -> float:
+        from exporter.config import LifecycleConfig, ProviderConfig
+        from exporter.lifecycle import Lifecycle, LifecycleStats
+        from exporter.providers.base import ModelState, Residence
+
+        policy = LifecycleConfig(max_loaded=2) if limited else LifecycleConfig()
+        provider = ProviderConfig("p", "ollama", "http://127.0.0.1:1", lifecycle=policy)
+        uses = Lifecycle(LifecycleStats())
+        uses.configs = {"p": provider}  # no watcher: the reads are not what is timed
+        watched = uses.stats.of(provider)
+        watched.observe([ModelState("m", Residence.LOADED)], time.time())
+        document = {"model": "m", "messages": []}
+        started = time.process_time()
+        for _ in range(COMPONENT_COUNT):
+            await uses.begin("p", "m", document)
+            uses.end("p", "m", load_seconds=0.001)
+        return (time.process_time() - started) / COMPONENT_COUNT * 1e6
+
     costs = {
         "admission_us": min(asyncio.run(admission()) for _ in range(COMPONENT_REPEATS)),
         "hit_us": min(hit() for _ in range(COMPONENT_REPEATS)),
+        "lifecycle_us": min(asyncio.run(lifecycle(False)) for _ in range(COMPONENT_REPEATS)),
+        "lifecycle_limited_us": min(asyncio.run(lifecycle(True)) for _ in range(COMPONENT_REPEATS)),
     }
     print(json.dumps(costs), flush=True)
 
@@ -1707,6 +1728,12 @@ def print_queue_and_cache(
             print(
                 f"  admission alone (admit, then release), in one process: "
                 f"{costs['admission_us']:.1f} us per request"
+            )
+        if "lifecycle_us" in costs:
+            print(
+                "  the model lifecycle's begin and end of a request, in one process: "
+                f"{costs['lifecycle_us']:.1f} us, {costs['lifecycle_limited_us']:.1f} us"
+                " with max_loaded set (the model loaded)"
             )
     if cached is not None:
         c1, c16 = PHASES[0], PHASES[1]

@@ -56,9 +56,9 @@ MAX_CONNECTIONS = 512
 IDLE_TIMEOUT_SECONDS = 15.0
 # On shutdown, requests in progress get this long to finish.
 SHUTDOWN_TIMEOUT_SECONDS = 1.0
-# Where the documentation lives (the alert rules' runbook_url points there too).
 # Model lifecycle events listed on the landing page (/models has the last 200).
 EVENTS_SHOWN = 20
+# Where the documentation lives (the alert rules' runbook_url points there too).
 DOCS_URL = "https://github.com/llm-exporter/llm-exporter/blob/main/docs"
 
 
