@@ -65,7 +65,7 @@ SPECS = {
         Spec("llm_provider_last_request_timestamp_seconds", "gauge", "When the exporter last finished a request to the provider.", P),
         # Models.
         Spec("llm_model_info", "gauge", "A model the provider knows, with its details (always 1).", (*PM, "family", "parameter_size", "quantization", "format")),
-        Spec("llm_model_loaded", "gauge", "1 if the model is loaded in memory, 0 if it is only on disk.", PM),
+        Spec("llm_model_loaded", "gauge", "1 if the model is loaded in memory, 0 if it is only on disk or asleep (its weights released).", PM),
         Spec("llm_model_size_bytes", "gauge", "Size of the model's file on disk.", PM),
         Spec("llm_model_memory_bytes", "gauge", "Memory the loaded model takes: total, and the part in GPU memory (vram).", (*PM, "memory")),
         Spec("llm_model_context_tokens", "gauge", "Context length the model is served with, in tokens.", PM),

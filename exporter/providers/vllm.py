@@ -19,6 +19,7 @@ mode's gauge (vllm/v1/metrics/loggers.py), 1 on the state the engine is in:
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
 from .base import (
@@ -142,6 +143,10 @@ def _awake(reply: Reply) -> dict[str, bool]:
     return awake
 
 
+def _engines_and_awake(reply: Reply) -> tuple[list[EngineSnapshot], dict[str, bool]]:
+    return _engines(reply), _awake(reply)
+
+
 class VllmProvider:
     """Reads a vLLM server."""
 
@@ -157,18 +162,23 @@ class VllmProvider:
         (seconds,) = await findings.gather(self.client.fetch("/health", _seconds))
         if seconds is None:
             return findings.snapshot(up=False)
-        models, version, engines = await findings.gather(
+        models, version, page = await findings.gather(
             self.client.fetch("/v1/models", _models),
             self.client.fetch("/version", _version, optional=True),
-            self.client.fetch("/metrics", _engines),
+            self.client.fetch("/metrics", _engines_and_awake),
         )
+        engines, awake = page if page is not None else ([], {})
+        # A sleeping engine's weights are out of memory: its models are not loaded, as a
+        # sleeping model of llama.cpp's router is not.
+        engine_awake = any(awake.values()) if awake else True
+        models = [replace(m, loaded=awake.get(m.name, engine_awake)) for m in models or []]
         return findings.snapshot(
             up=True,
             ready=True,
             version=version or "",
             response_time_seconds=seconds,
-            models=tuple(models or []),
-            engines=tuple(engines or []),
+            models=tuple(models),
+            engines=tuple(engines),
         )
 
     async def model_states(self) -> tuple[ModelState, ...]:

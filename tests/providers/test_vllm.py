@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -141,6 +142,18 @@ async def model_states_of(routes: dict[str, Handler]) -> tuple[ModelState, ...]:
 )
 async def test_residency_follows_the_sleep_state_gauge(page: str, residence: Residence) -> None:
     assert await model_states_of(vllm_routes(metrics=page)) == (ModelState("tiny", residence),)
+
+
+async def test_a_sleeping_engine_s_model_is_not_loaded() -> None:
+    async with StandIn(vllm_routes(metrics="vllm_metrics_sleeping.txt")) as server:
+        async with running(config_of(provider_yaml("vllm", "vllm", server.url))) as exporter:
+            for _ in range(100):  # the watcher's first read runs beside the first scrape
+                scrape = await exporter.scrape()
+                if scrape.value("llm_model_sleeping", provider="vllm", model="tiny") is not None:
+                    break
+                await asyncio.sleep(0.05)
+    assert scrape.value("llm_model_loaded", provider="vllm", model="tiny") == 0
+    assert scrape.value("llm_model_sleeping", provider="vllm", model="tiny") == 1
 
 
 async def test_residency_read_fails_when_the_models_are_unread() -> None:
