@@ -222,6 +222,10 @@ class Collector:
         )
         return Collection(results, resources, health, self.wall_clock())
 
+    async def collect_provider(self, name: str, budget: float) -> ProviderResult:
+        """Collect one provider now, within budget (KeyError if there is none of that name)."""
+        return await self._collect_one(self.by_name[name], budget)
+
     async def _collect_one(self, provider: Provider, budget: float) -> ProviderResult:
         config = provider.config
         timeout = min(config.timeout, budget)

@@ -18,6 +18,7 @@ import stat
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -173,6 +174,32 @@ class ProviderConfig:
     probes: ProbeConfig | None = None
     gateway: GatewayConfig | None = None
     lifecycle: LifecycleConfig = LifecycleConfig()
+    labels: Mapping[str, str] = field(default_factory=dict)  # added to its /targets entry
+
+
+@dataclass(frozen=True)
+class TargetAllowlist:
+    """Which targets /probe may collect with a module: a host listed, an IP address inside a
+    network listed, or a URL the pattern matches whole."""
+
+    hosts: tuple[str, ...] = ()  # exact names, or "*.example.com" for any name below it
+    cidrs: tuple[IPv4Network | IPv6Network, ...] = ()
+    regex: str | None = None
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """How /probe collects a target that is not a configured provider."""
+
+    kind: str
+    targets: TargetAllowlist
+    timeout: float = 5.0
+    api_key: str | None = field(default=None, repr=False)  # from api_key_file only
+    api_key_file: Path | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tls_config: TLSConfig = TLSConfig()
+    max_models: int = 100
+    max_series: int = 10000
 
 
 @dataclass(frozen=True)
@@ -219,6 +246,7 @@ class Config:
     """A whole, valid configuration."""
 
     providers: tuple[ProviderConfig, ...] = ()
+    modules: Mapping[str, ModuleConfig] = field(default_factory=dict)
     host: HostConfig = HostConfig()
     health: HealthConfig = HealthConfig()
     global_: GlobalConfig = GlobalConfig()
@@ -723,6 +751,7 @@ def _parse_provider(
         probes=reader.section("probes", _parse_probes, None),
         gateway=reader.section("gateway", _parse_gateway, None),
         lifecycle=reader.section("lifecycle", _parse_lifecycle, LifecycleConfig()),
+        labels=reader.section("labels", _parse_labels, {}),
     )
     reader.finish()
     kind = KINDS.get(provider.kind)
@@ -733,6 +762,125 @@ def _parse_provider(
         )
         errors.append(reader.error(f"{path}.lifecycle", reason, reader.node("lifecycle")))
     return provider
+
+
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Set by the exporter on every /targets entry, or reserved by Prometheus.
+_OWN_LABELS = frozenset(["provider", "kind", "job", "instance"])
+MAX_TARGET_LABELS = 32
+
+
+def _parse_labels(reader: _Reader | None) -> dict[str, str]:
+    if reader is None:
+        return {}
+    labels = {}
+    for key, (key_node, _) in reader.items.items():
+        if not _LABEL_RE.match(key) or key.startswith("__"):
+            reason = "not a Prometheus label name (letters, digits and _, not starting with __)"
+            raise reader.error(f"{reader.path}.{key}", reason, key_node)
+        if key in _OWN_LABELS:
+            reason = "set by the exporter or Prometheus: choose another name"
+            raise reader.error(f"{reader.path}.{key}", reason, key_node)
+        labels[key] = reader.scalar(key, _label_value, "")
+    if len(labels) > MAX_TARGET_LABELS:
+        raise reader.error(reader.path, f"at most {MAX_TARGET_LABELS} labels")
+    return labels
+
+
+def _label_value(value: Any, path: str, node: yaml.Node) -> str:
+    text = _string(value, path, node)
+    if len(text) > 256 or not text.isprintable():
+        raise _fail(path, node, "a label value is at most 256 printable characters")
+    return text
+
+
+def _parse_modules(reader: _Reader | None) -> dict[str, ModuleConfig]:
+    if reader is None:
+        return {}
+    modules = {}
+    for name, (key_node, _) in reader.items.items():
+        path = f"{reader.path}.{name}"
+        _name(name, path, key_node)
+        module = reader.mapping(name)
+        if module is None:
+            raise reader.error(path, "expected a mapping", key_node)
+        modules[name] = _parse_module(module)
+    return modules
+
+
+def _parse_module(reader: _Reader) -> ModuleConfig:
+    if "api_key" in reader.items:
+        reason = "a module takes its key by reference only: api_key_file"
+        raise reader.error(f"{reader.path}.api_key", reason, reader.items["api_key"][0])
+    default = ModuleConfig(kind="", targets=TargetAllowlist())
+    key_file = reader.scalar("api_key_file", _path, None)
+    module = ModuleConfig(
+        kind=reader.required("kind", _scrape_kind),
+        targets=reader.section("targets", _parse_allowlist, TargetAllowlist()),
+        timeout=reader.scalar("timeout", _duration, default.timeout),
+        api_key=reader.scalar("api_key_file", _secret_file, None),
+        api_key_file=key_file,
+        headers=reader.section("headers", _parse_headers, {}),
+        tls_config=reader.section("tls_config", _parse_tls, TLSConfig()),
+        max_models=reader.scalar("max_models", _positive_int, default.max_models),
+        max_series=reader.scalar("max_series", _positive_int, default.max_series),
+    )
+    reader.finish()
+    allow = module.targets
+    if not (allow.hosts or allow.cidrs or allow.regex) and reader.node("targets") is not None:
+        return module  # its own error was kept
+    if not (allow.hosts or allow.cidrs or allow.regex):
+        reason = (
+            "is required: the hosts, networks or URL pattern this module may probe"
+            " (the exporter never sends a module's key to any URL someone asks for)"
+        )
+        raise reader.error(f"{reader.path}.targets", reason)
+    return module
+
+
+_HOST_RE = re.compile(
+    r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$"
+)
+
+
+def _host_item(node: yaml.Node, path: str) -> str:
+    host = _string_item(node, path).lower().rstrip(".")
+    if not _HOST_RE.match(host):
+        raise _fail(path, node, f"{_describe(host)} is not a host name (or *.domain)")
+    return host
+
+
+def _cidr_item(node: yaml.Node, path: str) -> IPv4Network | IPv6Network:
+    text = _string_item(node, path)
+    try:
+        return ip_network(text, strict=True)
+    except ValueError as exc:
+        raise _fail(path, node, f"not a network like 10.0.0.0/8: {exc}") from None
+
+
+def _regex(value: Any, path: str, node: yaml.Node) -> str:
+    text = _string(value, path, node)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise _fail(path, node, f"not a valid regular expression: {exc}") from None
+    return text
+
+
+def _parse_allowlist(reader: _Reader | None) -> TargetAllowlist:
+    if reader is None:
+        return TargetAllowlist()
+    allow = TargetAllowlist(
+        hosts=tuple(_host_item(node, path) for node, path in reader.sequence("hosts")),
+        cidrs=tuple(_cidr_item(node, path) for node, path in reader.sequence("cidrs")),
+        regex=reader.scalar("regex", _regex, None),
+    )
+    reader.finish()
+    if not (allow.hosts or allow.cidrs or allow.regex):
+        raise reader.error(
+            reader.path, "list hosts, cidrs or a regex: an empty allowlist allows nothing"
+        )
+    return allow
 
 
 def _model_list(reader: _Reader, key: str) -> tuple[str, ...]:
@@ -1160,6 +1308,7 @@ def _parse_root(root: yaml.Node, file: str, errors: list[ConfigError]) -> Config
         providers.append(provider)
     config = Config(
         providers=tuple(providers),
+        modules=reader.section("modules", _parse_modules, {}),
         host=reader.section("host", _parse_host, HostConfig()),
         health=reader.section("health", _parse_health, HealthConfig()),
         global_=reader.section("global", _parse_global, GlobalConfig()),
@@ -1319,6 +1468,8 @@ def _provider_document(provider: ProviderConfig) -> dict[str, object]:
             "sampled": cache.sampled,
         }
         document["gateway"] = section
+    if provider.labels:
+        document["labels"] = dict(provider.labels)
     lifecycle = provider.lifecycle
     section = {
         "watch": lifecycle.watch,
@@ -1335,12 +1486,41 @@ def _provider_document(provider: ProviderConfig) -> dict[str, object]:
     return document
 
 
+def _module_document(module: ModuleConfig) -> dict[str, object]:
+    allow = module.targets
+    targets: dict[str, object] = {}
+    if allow.hosts:
+        targets["hosts"] = list(allow.hosts)
+    if allow.cidrs:
+        targets["cidrs"] = [str(network) for network in allow.cidrs]
+    if allow.regex is not None:
+        targets["regex"] = allow.regex
+    document: dict[str, object] = {"kind": module.kind, "targets": targets}
+    document["timeout"] = format_duration(module.timeout)
+    if module.api_key_file is not None:
+        document["api_key_file"] = str(module.api_key_file)
+    if module.headers:
+        document["headers"] = {
+            name: MASK if _SECRET_HEADER_RE.search(name) else value
+            for name, value in module.headers.items()
+        }
+    if module.tls_config != TLSConfig():
+        tls: dict[str, object] = {"insecure_skip_verify": module.tls_config.insecure_skip_verify}
+        if module.tls_config.ca_file is not None:
+            tls["ca_file"] = str(module.tls_config.ca_file)
+        document["tls_config"] = tls
+    document["max_models"] = module.max_models
+    document["max_series"] = module.max_series
+    return document
+
+
 def dump_config(config: Config) -> str:
     """The configuration as YAML that parse_config reads back, with secrets (api_key, and
     header values whose names suggest one) replaced by <secret>."""
     health = config.health
     document = {
         "providers": [_provider_document(p) for p in config.providers],
+        "modules": {name: _module_document(m) for name, m in config.modules.items()},
         "host": {"enabled": config.host.enabled, "mounts": list(config.host.mounts), "gpu": config.host.gpu},
         "health": {
             "response_time": _threshold(health.response_time, format_duration),

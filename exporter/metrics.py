@@ -136,6 +136,9 @@ SPECS = {
         Spec("llm_gateway_cache_evictions_total", "counter", "Answers dropped from the gateway's cache, by reason (expired: older than ttl; max_entries, max_bytes: least recently used, to make room).", (*P, "reason")),
         Spec("llm_gateway_cache_saved_tokens_total", "counter", "Tokens the provider did not have to process because the cache answered, by type (input, output), as the stored answers' usage says.", (*P, "type")),
         Spec("llm_gateway_cache_saved_seconds_total", "counter", "Seconds the provider took for the answers that cache hits repeated.", P),
+        # /probe (blackbox_exporter's names): the target's series above, and these.
+        Spec("probe_success", "gauge", "1 if the probed target answered its status endpoint (its llm_provider_up).", ()),
+        Spec("probe_duration_seconds", "gauge", "How long the probe of the target took.", ()),
         # The host.
         Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
         Spec("llm_host_cpus", "gauge", "Logical CPUs of the host.", ()),
@@ -438,6 +441,16 @@ class HttpState:
     connections: int = 0
     connections_closed: int = 0
     bad_requests: int = 0
+
+
+def render_probe(result: ProviderResult, seconds: float) -> list[Metric]:
+    """The families of one /probe answer: the target's series, then whether it answered and
+    how long the probe took."""
+    out = _Families()
+    _provider(out, result)
+    out.add("probe_success", [], float(result.snapshot.up))
+    out.add("probe_duration_seconds", [], seconds)
+    return list(out)
 
 
 def render(

@@ -31,7 +31,8 @@ from .gateway import Gateway, GatewayStats
 from .health import Status, iso_time, plural
 from .lifecycle import Lifecycle, LifecycleStats
 from .logs import BadRequestFilter, fields
-from .metrics import HttpState, ReloadState, render
+from .metrics import HttpState, ReloadState, render, render_probe
+from .multitarget import Prober, Refused, targets_document
 from .probes import ProbeRunner, ProbeStats
 from .providers.base import ModelSnapshot
 
@@ -88,6 +89,7 @@ class Exporter:
         self.lifecycle_stats = LifecycleStats()
         self.lifecycle = Lifecycle(self.lifecycle_stats, wall_clock=wall_clock)
         self.gateway = Gateway(self.gateway_stats, uses=self.lifecycle)
+        self.prober = Prober()
         self.registry = registry if registry is not None else _default_registry()
         self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
         self.wall_clock = wall_clock
@@ -416,6 +418,37 @@ async def handle_models(request: web.Request) -> web.Response:
     return web.json_response(document, dumps=_dumps)
 
 
+async def handle_probe(request: web.Request) -> web.Response:
+    """Collect one target now (blackbox_exporter's /probe): a configured provider by name, or
+    a URL that a module of the configuration allows."""
+    exporter = request.app[EXPORTER_KEY]
+    target = request.query.get("target", "")
+    if not target:
+        return web.Response(text="target parameter is missing\n", status=400)
+    deadline = scrape_deadline(
+        request.headers.get("X-Prometheus-Scrape-Timeout-Seconds"), exporter.config
+    )
+    try:
+        result, seconds = await exporter.prober.probe(
+            exporter.config,
+            exporter.collector.collect_provider,
+            target,
+            request.query.get("module"),
+            deadline,
+        )
+    except Refused as refused:
+        return web.Response(text=f"{refused.reason}\n", status=refused.status)
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(_Scrape(render_probe(result, seconds)))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def handle_targets(request: web.Request) -> web.Response:
+    """The configured providers in Prometheus' HTTP service discovery format."""
+    document = targets_document(request.app[EXPORTER_KEY].config)
+    return web.json_response(document, dumps=_dumps)
+
+
 async def handle_healthy(request: web.Request) -> web.Response:
     """The process is alive."""
     return web.Response(text="OK\n")
@@ -586,6 +619,8 @@ tr:nth-child(even){{background:#f6f6f6}}
 <li><a href="metrics">/metrics</a>: Prometheus metrics (collects every provider now)</li>
 <li><a href="health">/health</a>: health verdict as JSON</li>
 <li><a href="models">/models</a>: the last 200 model loads and unloads, and each model's state, as JSON</li>
+<li><a href="targets">/targets</a>: the providers in Prometheus' HTTP service discovery format, for
+<code>/probe?target=NAME</code> (one provider's series, collected now)</li>
 <li><a href="-/healthy">/-/healthy</a> and <a href="-/ready">/-/ready</a>: liveness and readiness</li>
 </ul>
 <h2>Documentation</h2>
@@ -607,6 +642,8 @@ def create_app(exporter: Exporter) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/models", handle_models)
+    app.router.add_get("/probe", handle_probe)
+    app.router.add_get("/targets", handle_targets)
     app.router.add_get("/-/healthy", handle_healthy)
     app.router.add_get("/-/ready", handle_ready)
     app.router.add_post("/-/reload", handle_reload)

@@ -26,6 +26,7 @@ from exporter.config import (
     HealthConfig,
     HostConfig,
     LifecycleConfig,
+    ModuleConfig,
     ProbeConfig,
     ProbeModel,
     ProcessMatch,
@@ -145,6 +146,29 @@ INVALID = [
         'FILE:5: providers[0].lifecycle.pin[1]: "a" is listed twice',
     ),
     (
+        "a module without an allowlist",
+        provider() + "modules:\n  vllm: {kind: vllm}\n",
+        "FILE:6: modules.vllm.targets: is required: the hosts, networks or URL pattern this"
+        " module may probe (the exporter never sends a module's key to any URL someone asks for)",
+    ),
+    (
+        "a module with its key in the file",
+        provider() + "modules:\n  vllm:\n    kind: vllm\n    api_key: sk-1\n",
+        "FILE:8: modules.vllm.api_key: a module takes its key by reference only: api_key_file",
+    ),
+    (
+        "a module's network is not one",
+        provider() + "modules:\n  v:\n    kind: vllm\n    targets: {cidrs: [10.0.0.1/8]}\n",
+        "FILE:8: modules.v.targets.cidrs[0]: not a network like 10.0.0.0/8: 10.0.0.1/8 has host"
+        " bits set",
+    ),
+    (
+        "a provider label the exporter sets",
+        provider("    labels: {provider: x}"),
+        "FILE:5: providers[0].labels.provider: set by the exporter or Prometheus: choose another"
+        " name",
+    ),
+    (
         "cache size without a unit",
         provider(
             "    gateway:", "      listen: :1", "      cache: {enabled: true, max_bytes: 1000}"
@@ -187,7 +211,7 @@ INVALID = [
     (
         "unknown top-level key",
         provider() + "scrape_timeout: 10s\n",
-        "FILE:5: scrape_timeout: unknown key (known keys: global, health, host, providers)",
+        "FILE:5: scrape_timeout: unknown key (known keys: global, health, host, modules, providers)",
     ),
     (
         "unknown provider key (typo)",
@@ -198,7 +222,8 @@ INVALID = [
         "unknown provider key, nothing close",
         provider("    colour: red"),
         "FILE:5: providers[0].colour: unknown key (known keys: api_key, api_key_file, gateway, headers,"
-        " kind, lifecycle, max_models, max_series, name, probes, process, timeout, tls_config, url)",
+        " kind, labels, lifecycle, max_models, max_series, name, probes, process, timeout, tls_config,"
+        " url)",
     ),
     (
         "timeout not a duration",
@@ -475,7 +500,7 @@ INVALID = [
             "    url: http://localhost:11434",
         ),
         # Every error at once: the anchor's holder is an unknown key as well.
-        "FILE:1: defaults: unknown key (known keys: global, health, host, providers)\n"
+        "FILE:1: defaults: unknown key (known keys: global, health, host, modules, providers)\n"
         "config error: FILE:4: providers[0]: YAML merge keys (<<) are not supported",
     ),
     (
@@ -824,6 +849,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "list of strings": lambda text: tuple(yaml.safe_load(text)),
     "mapping of strings": yaml.safe_load,
     "mapping of integers": yaml.safe_load,
+    "mapping of mappings": yaml.safe_load,
     "size": parse_size,
     "string": str,
 }
@@ -847,7 +873,7 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
     gateway.update(client_keys={}, cache=...)
     queue = {f.name: f.default for f in fields(QueueConfig) if f.name != "max_concurrent"}
     p.update(headers={}, api_key_file=None, tls_config=..., process=None, probes=None, gateway=None)
-    p.update(lifecycle=...)
+    p.update(lifecycle=..., labels={})
     health: dict[str, Any] = {"max_age": HealthConfig().max_age}
     for name in (
         "response_time",
@@ -861,7 +887,11 @@ def _code_defaults() -> dict[str, dict[str, Any]]:
         health[f"{name}.degraded"] = threshold.degraded
         health[f"{name}.unhealthy"] = threshold.unhealthy
     return {
-        "Top level": {"providers": (), "host": ..., "health": ..., "global": ...},
+        "Top level": {"providers": (), "modules": {}, "host": ..., "health": ..., "global": ...},
+        "modules.<name>": {
+            f.name: f.default for f in fields(ModuleConfig) if f.name not in ("api_key",)
+        }
+        | {"tls_config": ..., "headers": {}},
         "global": {f.name: f.default for f in fields(GlobalConfig)},
         "providers[]": p,
         "providers[].tls_config": {f.name: f.default for f in fields(TLSConfig)},
@@ -884,6 +914,7 @@ def test_docs_give_every_key_and_its_default(section: str) -> None:
         "providers[]": {"name", "kind", "url"},
         "providers[].gateway": {"listen"},
         "providers[].gateway.queue": {"max_concurrent"},
+        "modules.<name>": {"kind", "targets"},
     }.get(section, set())
     assert set(documented) == set(defaults) | required
     for key, (kind, cell) in documented.items():
@@ -912,6 +943,9 @@ def test_docs_list_exactly_the_keys_the_parser_knows() -> None:
     bogus = "bogus: 1"
     assert _known_keys(provider() + bogus) == set(_documented("Top level"))
     assert _known_keys(provider() + f"global: {{{bogus}}}") == set(_documented("global"))
+    assert _known_keys(
+        provider() + f"modules: {{m: {{kind: vllm, targets: {{hosts: [h]}}, {bogus}}}}}"
+    ) == set(_documented("modules.<name>"))
     assert _known_keys(provider("    " + bogus)) == set(_documented("providers[]"))
     assert _known_keys(provider(f"    tls_config: {{{bogus}}}")) == set(
         _documented("providers[].tls_config")
@@ -1050,6 +1084,7 @@ providers:
         client_priorities: {ide: 5}
         aging: 2500ms
       cache: {enabled: true, ttl: 1h, max_entries: 5, max_bytes: 1536KiB, sampled: true}
+    labels: {cluster: eu-1, team: search}
     lifecycle:
       watch_interval: 250ms
       pin: [tiny]
@@ -1057,6 +1092,11 @@ providers:
       max_loaded: 2
       max_memory: 12GiB
       idle_unload: 30m
+modules:
+  cluster:
+    kind: vllm
+    timeout: 2s
+    targets: {hosts: ["*.svc", vllm-0], cidrs: [10.0.0.0/8, "fd00::/8"], regex: "https?://.*"}
 host: {mounts: [/, /srv]}
 health:
   response_time: {degraded: 1s, unhealthy: 3s}
@@ -1077,6 +1117,7 @@ def test_dump_config_reads_back_to_the_same_config_with_secrets_masked() -> None
     )
     assert again.providers == (masked,)
     assert (again.host, again.health, again.global_) == (config.host, config.health, config.global_)
+    assert again.modules == config.modules
     assert parse_config(dump_config(Config())) == Config()
 
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BLOCK_RE = re.compile(r"^```ya?ml[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 FRAGMENT_MARK = "<!-- not a whole config -->"
-EXPORTER_KEYS = {"providers", "host", "health", "global"}
+EXPORTER_KEYS = {"providers", "modules", "host", "health", "global"}
 PROVIDER_KEYS = {f.name for f in fields(ProviderConfig)} | {"api_key_file"}
 FOREIGN_KEYS = {
     # Prometheus and its rule files
@@ -58,6 +58,12 @@ def classify(block: str, marked: bool = False) -> str:
         and all(isinstance(rule, dict) and ("alert" in rule or "record" in rule) for rule in value)
     ):
         return "foreign"
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(group, dict) and "targets" in group for group in value)
+    ):
+        return "foreign"  # a Prometheus file_sd target list
     if keys & EXPORTER_KEYS:
         return "config"
     if keys and keys <= PROVIDER_KEYS:

@@ -53,12 +53,13 @@ def served(text: str) -> dict[str, tuple[str, frozenset[str]]]:
 
 
 @pytest.fixture(scope="module")
-def full_scrape(llama_server: LlamaCppServer) -> str:
-    """One scrape that exercises every provider kind, a provider process and a GPU."""
+def scrapes(llama_server: LlamaCppServer) -> tuple[str, str]:
+    """/metrics of an exporter watching every provider kind, a provider process and a GPU,
+    and its /probe of one provider."""
     return asyncio.run(scrape_everything(llama_server))
 
 
-async def scrape_everything(llama_server: LlamaCppServer) -> str:
+async def scrape_everything(llama_server: LlamaCppServer) -> tuple[str, str]:
     """Scrape an exporter watching every provider kind, a provider process, a GPU and probes."""
     chat = ollama_chat(("Hi", "!"), first_load_ns=1_500_000_000, later_load_ns=1_000_000)
     # An answer the gateway's meter cannot read: it passes, counted as unmetered.
@@ -104,7 +105,8 @@ async def scrape_everything(llama_server: LlamaCppServer) -> str:
             await first_probe(exporter, "lifecycle")
             await through_the_gateways(exporter)
             await seen_loaded(exporter, {"pinned", "probed"})
-            return (await exporter.http.get("/metrics")).text
+            probe = await exporter.http.get("/probe", params={"target": "vllm"})
+            return (await exporter.http.get("/metrics")).text, probe.text
 
 
 async def seen_loaded(exporter: Running, models: set[str]) -> None:
@@ -146,15 +148,24 @@ async def through_the_gateways(exporter: Running) -> None:
     assert answers == [None, None, "HIT"]
 
 
-def test_catalogue_equals_a_real_scrape(full_scrape: str) -> None:
-    docs, scrape = documented(), served(full_scrape)
+@pytest.fixture(scope="module")
+def full_scrape(scrapes: tuple[str, str]) -> str:
+    """/metrics of the exporter watching everything."""
+    return scrapes[0]
+
+
+def test_catalogue_equals_a_real_scrape(scrapes: tuple[str, str]) -> None:
+    """The catalogue lists what /metrics and /probe serve, with their types and labels."""
+    docs, scrape = documented(), served(scrapes[1]) | served(scrapes[0])
     assert sorted(set(scrape) - set(docs)) == [], "served but not documented"
     assert sorted(set(docs) - set(scrape)) == [], "documented but not served"
     for name, (kind, labels) in scrape.items():
         assert docs[name] == (kind, labels), name
 
 
-def test_promtool_accepts_the_scrape(full_scrape: str) -> None:
+@pytest.mark.parametrize("which", [0, 1], ids=["metrics", "probe"])
+def test_promtool_accepts_the_scrape(scrapes: tuple[str, str], which: int) -> None:
+    full_scrape = scrapes[which]
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: `make test` installs Debian's prometheus package"
     result = subprocess.run(
