@@ -174,16 +174,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def documented_job() -> dict[str, Any]:
-    """The docs' Prometheus job that probes every configured provider through /targets."""
+def documented_job(discovery: str) -> dict[str, Any]:
+    """The docs' Prometheus job that finds its targets with discovery (http_sd_configs: every
+    configured provider through /targets; file_sd_configs: URLs probed with a module)."""
     blocks = re.findall(r"^```yaml\n(.*?)^```", DOCS.read_text(), re.MULTILINE | re.DOTALL)
     for block in blocks:
         document = yaml.safe_load(block)
         if isinstance(document, dict) and "scrape_configs" in document:
             job: dict[str, Any] = document["scrape_configs"][0]
-            if job.get("http_sd_configs"):
+            if job.get(discovery):
                 return job
-    raise AssertionError("docs/configuration.md shows no http_sd job")
+    raise AssertionError(f"docs/configuration.md shows no job with {discovery}")
 
 
 async def test_prometheus_scrapes_each_provider_as_its_own_target_as_documented(
@@ -200,7 +201,13 @@ async def test_prometheus_scrapes_each_provider_as_its_own_target_as_documented(
             provider_yaml("gone", "vllm", dead),
         )
         async with running(config) as exporter:
-            result = await asyncio.to_thread(scrape_with_prometheus, prometheus, exporter, tmp_path)
+            job = documented_job("http_sd_configs")
+            host_port = exporter.url.split("//", 1)[1].rstrip("/")
+            job["http_sd_configs"][0]["url"] = f"http://{host_port}/targets"
+            job["http_sd_configs"][0]["refresh_interval"] = "1s"
+            result = await asyncio.to_thread(
+                scrape_with_prometheus, prometheus, exporter, job, tmp_path
+            )
     ups = {r["metric"]["instance"]: float(r["value"][1]) for r in result["up"]}
     assert ups == {"vllm-a": 1.0, "gone": 1.0}  # the exporter answered both probes
     success = {r["metric"]["provider"]: float(r["value"][1]) for r in result["probe_success"]}
@@ -210,12 +217,46 @@ async def test_prometheus_scrapes_each_provider_as_its_own_target_as_documented(
     assert {r["metric"]["cluster"] for r in running_series} == {"eu-1"}
 
 
-def scrape_with_prometheus(prometheus: str, exporter: Running, work: Path) -> dict[str, Any]:
+async def test_prometheus_probes_listed_urls_with_a_module_as_documented(tmp_path: Path) -> None:
+    """The docs' file_sd job: each URL in the file is a target of its own, probed with the
+    module, its file labels attached."""
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus is missing: `make test` installs Debian's prometheus package"
+    key = tmp_path / "key"
+    key.write_text("sk-module-key\n")
+    dead = f"http://127.0.0.1:{closed_port()}"
+    async with two_servers() as (server, _, allowed_seen, _):
+        config = parse_config("providers: []\n" + modules_yaml(key))
+        async with running(config) as exporter:
+            job = documented_job("file_sd_configs")
+            job["params"] = {"module": ["cluster"]}
+            listed = tmp_path / "targets.yml"
+            listed.write_text(
+                yaml.safe_dump([{"targets": [server.url, dead], "labels": {"cluster": "eu-1"}}])
+            )
+            job["file_sd_configs"][0] = {"files": [str(listed)], "refresh_interval": "1s"}
+            result = await asyncio.to_thread(
+                scrape_with_prometheus, prometheus, exporter, job, tmp_path
+            )
+    ups = {r["metric"]["instance"]: float(r["value"][1]) for r in result["up"]}
+    assert ups == {server.url: 1.0, dead: 1.0}
+    success = {r["metric"]["instance"]: float(r["value"][1]) for r in result["probe_success"]}
+    assert success == {server.url: 1.0, dead: 0.0}
+    port = server.url.rsplit(":", 1)[1]
+    series = result["llm_requests_running"]
+    assert {(r["metric"]["provider"], r["metric"]["cluster"]) for r in series} == {
+        (f"127.0.0.1:{port}", "eu-1")
+    }
+    assert {auth for _, auth in allowed_seen} == {"Bearer sk-module-key"}
+
+
+def scrape_with_prometheus(
+    prometheus: str, exporter: Running, job: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    """Run Prometheus with one job (made to scrape every second, at this exporter) until it
+    has scraped two targets; what it then holds of up, probe_success and a provider series."""
     host_port = exporter.url.split("//", 1)[1].rstrip("/")
-    job = documented_job()
     job["scrape_interval"] = job["scrape_timeout"] = "1s"
-    job["http_sd_configs"][0]["url"] = f"http://{host_port}/targets"
-    job["http_sd_configs"][0]["refresh_interval"] = "1s"
     job["relabel_configs"][-1]["replacement"] = host_port
     (work / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": [job]}))
     port = free_port()
