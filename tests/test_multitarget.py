@@ -21,7 +21,14 @@ import yaml
 from aiohttp import web
 
 from exporter.config import TargetAllowlist, parse_config
-from exporter.multitarget import MAX_TARGET_CHARS, Refused, allowed, checked_target
+from exporter.multitarget import (
+    MAX_PROBES,
+    MAX_TARGET_CHARS,
+    Prober,
+    Refused,
+    allowed,
+    checked_target,
+)
 from tests.helpers import Running, config_of, parse, provider_yaml, running
 from tests.standins import StandIn, closed_port, vllm_routes
 
@@ -302,3 +309,24 @@ def wait_for_series(port: int) -> dict[str, Any]:
             break
         time.sleep(0.25)
     raise AssertionError("Prometheus did not scrape both providers through /probe within 60 s")
+
+
+async def test_past_16_probes_at_once_one_more_is_answered_503() -> None:
+    release = asyncio.Event()
+
+    async def slow(name: str, budget: float) -> Any:
+        await release.wait()
+        return name
+
+    prober = Prober()
+    config = config_of(provider_yaml("a", "vllm", "http://127.0.0.1:1"))
+    waiting = [
+        asyncio.ensure_future(prober.probe(config, slow, "a", None, 5.0)) for _ in range(MAX_PROBES)
+    ]
+    await asyncio.sleep(0)
+    with pytest.raises(Refused) as refused:
+        await prober.probe(config, slow, "a", None, 5.0)
+    assert refused.value.status == 503
+    release.set()
+    assert [result for result, _ in await asyncio.gather(*waiting)] == ["a"] * MAX_PROBES
+    assert prober.running == 0
