@@ -26,6 +26,7 @@ from .discovery import discover
 from .errors import ConfigError
 from .logs import LEVELS, fields, setup_logging
 from .server import IDLE_TIMEOUT_SECONDS, MAX_CONNECTIONS, Exporter, log_warnings, start_runner
+from .webconfig import WebConfigFile
 
 log = logging.getLogger("exporter")
 DEFAULT_CONFIG_FILE = "llm-exporter.yml"
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="listen_address",
         default=DEFAULT_LISTEN_ADDRESS,
         help="address to serve /metrics on, as [host]:port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="TLS and basic authentication for every endpoint, in the exporter-toolkit format"
+        " (TLS for the gateway listeners too); read again on each request and new connection",
     )
     parser.add_argument(
         "--web.enable-lifecycle",
@@ -90,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config.check",
         dest="config_check",
         action="store_true",
-        help="validate the configuration file and exit (status 0 if valid, 2 if not)",
+        help="validate the configuration file (and --web.config.file, if given) and exit"
+        " (status 0 if valid, 2 if not)",
     )
     parser.add_argument(
         "--config.print",
@@ -132,8 +141,9 @@ async def serve(
         log.error("cannot start", extra=fields(error=exc))
         await exporter.aclose()
         return 1
+    tls = exporter.web_config.ssl_context if exporter.web_config is not None else None
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         log.error("cannot listen", extra=fields(address=f"{host or ''}:{port}", error=reason))
@@ -145,6 +155,7 @@ async def serve(
         extra=fields(
             address=f"{host or ''}:{port}",
             providers=len(exporter.config.providers),
+            tls="true" if tls is not None else "false",
             version=__version__,
         ),
     )
@@ -212,8 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config_print:
         sys.stdout.write(dump_config(config))
         return 0
+    web_config = None
+    if args.web_config_file is not None:
+        try:
+            web_config = WebConfigFile(args.web_config_file)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     if args.config_check:
         print(f"{config_file}: valid, {len(config.providers)} provider(s)")
+        if web_config is not None:
+            print(f"{args.web_config_file}: valid web configuration")
         for warning in config.warnings:
             print(f"warning: {warning}")
         return 0
@@ -230,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_file,
             rediscover=discover if config_file is None else None,
             enable_lifecycle=args.enable_lifecycle,
+            web_config=web_config,
         )
         return await serve(
             exporter,

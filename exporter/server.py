@@ -35,6 +35,7 @@ from .metrics import HttpState, ReloadState, render, render_probe
 from .multitarget import Prober, Refused, targets_document
 from .probes import ProbeRunner, ProbeStats
 from .providers.base import ModelSnapshot
+from .webconfig import WebConfigFile
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Exporter:
         wall_clock: Callable[[], float] = time.time,
         rediscover: Callable[[], Awaitable[Config]] | None = None,
         enable_lifecycle: bool = False,
+        web_config: WebConfigFile | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -88,7 +90,10 @@ class Exporter:
         self.gateway_stats = GatewayStats()
         self.lifecycle_stats = LifecycleStats()
         self.lifecycle = Lifecycle(self.lifecycle_stats, wall_clock=wall_clock)
-        self.gateway = Gateway(self.gateway_stats, uses=self.lifecycle)
+        # --web.config.file: auth and headers on every endpoint here, TLS here and on gateways.
+        self.web_config = web_config
+        tls = web_config.ssl_context if web_config is not None else None
+        self.gateway = Gateway(self.gateway_stats, uses=self.lifecycle, ssl_context=tls)
         self.prober = Prober()
         self.registry = registry if registry is not None else _default_registry()
         self._collector_options: dict[str, Any] = {"ps": ps, "nvml": nvml}
@@ -238,6 +243,8 @@ class Exporter:
         self._render_seconds = 0.7 * self._render_seconds + 0.3 * seconds
 
     async def _load(self) -> Config:
+        if self.web_config is not None:  # a bad one refuses the whole reload
+            await asyncio.to_thread(self.web_config.reload)
         if self.config_path is not None:
             return await asyncio.to_thread(load_config, self.config_path)
         if self.rediscover is not None:
@@ -638,6 +645,8 @@ def create_app(exporter: Exporter) -> web.Application:
     """The aiohttp application serving one exporter."""
     app = web.Application()
     app[EXPORTER_KEY] = exporter
+    if exporter.web_config is not None:
+        exporter.web_config.install(app)
     app.router.add_get("/", handle_index)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/health", handle_health)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 
@@ -57,9 +58,13 @@ class Gateway:
         *,
         uses: ModelUses | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.stats = stats
         self.uses = uses
+        # TLS from --web.config.file, never its basic auth: clients' own Authorization
+        # headers are the provider's to check.
+        self.ssl_context = ssl_context
         self._clock = clock
         self._listeners: dict[str, _Listener] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -135,7 +140,7 @@ class Gateway:
         assert runner.server is not None
         limit_connections(runner.server, gateway.max_connections, traffic)
         host, port = gateway.address
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError:
@@ -150,7 +155,11 @@ class Gateway:
         self._listeners[provider.name] = listener
         log.info(
             "gateway listening",
-            extra=fields(provider=provider.name, address=listener.address),
+            extra=fields(
+                provider=provider.name,
+                address=listener.address,
+                tls="true" if self.ssl_context is not None else "false",
+            ),
         )
 
     def _swap(self, listener: _Listener, provider: ProviderConfig) -> None:
