@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 VLLM_VENV := .venv-vllm
-LINTED := exporter tests scripts bench grafana
+LINTED := exporter tests scripts bench grafana deploy
 
 .PHONY: run test lint typecheck pytest system-deps vllm bench clean
 
@@ -42,7 +42,8 @@ pytest: $(TEST_STAMP)
 	$(BIN)/pytest
 
 # promtool checks the exposition and the rules; Prometheus and Alertmanager run in the bundle
-# tests; headless Chromium shows the landing page as a user sees it.
+# tests; headless Chromium shows the landing page as a user sees it; kubectl renders the
+# Kubernetes manifests (`kubectl kustomize`).
 system-deps:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1 \
 		|| ! command -v amtool >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
@@ -51,6 +52,15 @@ system-deps:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 			prometheus prometheus-alertmanager chromium >/dev/null; \
+	fi
+	@# A call of its own: kubectl comes from Kubernetes' (or Google's) apt repository, not
+	@# Debian's, and where that is not set up only the Kubernetes tests should miss it.
+	@if ! command -v kubectl >/dev/null 2>&1; then \
+		echo "installing the kubectl package"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq kubectl >/dev/null \
+			|| { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq kubectl >/dev/null; } \
+			|| echo "kubectl could not be installed: tests/test_kubernetes.py will fail"; \
 	fi
 
 # A real vLLM (CPU build) in a venv of its own, for the vLLM adapter's tests.
