@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,21 +12,19 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from aiohttp import web
 
 from exporter.config import TargetAllowlist, parse_config
 from exporter.multitarget import (
-    MAX_PROBES,
     MAX_TARGET_CHARS,
-    Prober,
     Refused,
     allowed,
     checked_target,
 )
 from tests.helpers import Running, config_of, parse, provider_yaml, running
+from tests.prometheus_server import prometheus, query, until
 from tests.standins import StandIn, closed_port, vllm_routes
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -175,12 +170,6 @@ async def test_a_dead_target_is_probe_success_0_within_the_deadline(tmp_path: Pa
     assert probe.value("llm_provider_up", provider="gone", kind="vllm") == 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def documented_job(discovery: str) -> dict[str, Any]:
     """The docs' Prometheus job that finds its targets with discovery (http_sd_configs: every
     configured provider through /targets; file_sd_configs: URLs probed with a module)."""
@@ -258,75 +247,21 @@ async def test_prometheus_probes_listed_urls_with_a_module_as_documented(tmp_pat
 
 
 def scrape_with_prometheus(
-    prometheus: str, exporter: Running, job: dict[str, Any], work: Path
+    prometheus_binary: str, exporter: Running, job: dict[str, Any], work: Path
 ) -> dict[str, Any]:
     """Run Prometheus with one job (made to scrape every second, at this exporter) until it
     has scraped two targets; what it then holds of up, probe_success and a provider series."""
     host_port = exporter.url.split("//", 1)[1].rstrip("/")
     job["scrape_interval"] = job["scrape_timeout"] = "1s"
     job["relabel_configs"][-1]["replacement"] = host_port
-    (work / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": [job]}))
-    port = free_port()
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={work / 'prometheus.yml'}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            return wait_for_series(port)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+    with prometheus({"scrape_configs": [job]}, work) as base:
+
+        def scraped() -> dict[str, Any] | None:
+            found = {name: query(base, name) for name in WANTED}
+            both = len(found["up"]) == 2 and len(found["probe_success"]) == 2
+            return found if both and found["llm_requests_running"] else None
+
+        return until(scraped, "scrape of both targets through /probe")
 
 
-def wait_for_series(port: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    wanted = ("up", "probe_success", "llm_requests_running")
-    for _ in range(240):
-        found: dict[str, Any] = {}
-        try:
-            for name in wanted:
-                answer = httpx.get(
-                    f"http://127.0.0.1:{port}/api/v1/query", params={"query": name}, timeout=5
-                )
-                found[name] = answer.json()["data"]["result"]
-        except (httpx.TransportError, KeyError, ValueError):
-            found = {}
-        both = len(found.get("up", [])) == 2 and len(found.get("probe_success", [])) == 2
-        if both and found["llm_requests_running"]:
-            return found
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
-    raise AssertionError("Prometheus did not scrape both providers through /probe within 60 s")
-
-
-async def test_past_16_probes_at_once_one_more_is_answered_503() -> None:
-    release = asyncio.Event()
-
-    async def slow(name: str, budget: float) -> Any:
-        await release.wait()
-        return name
-
-    prober = Prober()
-    config = config_of(provider_yaml("a", "vllm", "http://127.0.0.1:1"))
-    waiting = [
-        asyncio.ensure_future(prober.probe(config, slow, "a", None, 5.0)) for _ in range(MAX_PROBES)
-    ]
-    await asyncio.sleep(0)
-    with pytest.raises(Refused) as refused:
-        await prober.probe(config, slow, "a", None, 5.0)
-    assert refused.value.status == 503
-    release.set()
-    assert [result for result, _ in await asyncio.gather(*waiting)] == ["a"] * MAX_PROBES
-    assert prober.running == 0
+WANTED = ("up", "probe_success", "llm_requests_running")
