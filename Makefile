@@ -43,15 +43,17 @@ pytest: $(TEST_STAMP)
 
 # promtool checks the exposition and the rules; Prometheus and Alertmanager run in the bundle
 # tests; headless Chromium shows the landing page as a user sees it; kubectl renders the
-# Kubernetes manifests (`kubectl kustomize`).
+# Kubernetes manifests (`kubectl kustomize`); systemd-analyze checks the systemd unit (the
+# `systemd` package only: it does not replace init, and starts nothing in a container).
 system-deps:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1 \
-		|| ! command -v amtool >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
-		echo "installing Debian packages prometheus prometheus-alertmanager chromium"; \
+		|| ! command -v amtool >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 \
+		|| ! command -v systemd-analyze >/dev/null 2>&1; then \
+		echo "installing Debian packages prometheus prometheus-alertmanager chromium systemd"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			prometheus prometheus-alertmanager chromium >/dev/null; \
+			prometheus prometheus-alertmanager chromium systemd >/dev/null; \
 	fi
 	@# A call of its own: kubectl comes from Kubernetes' (or Google's) apt repository, not
 	@# Debian's, and where that is not set up only the Kubernetes tests should miss it.
