@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 VLLM_VENV := .venv-vllm
-LINTED := exporter tests scripts bench grafana deploy
+LINTED := exporter tests scripts bench grafana deploy prometheus
 
 .PHONY: run test lint typecheck pytest system-deps vllm bench clean
 
@@ -36,7 +36,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check $(LINTED)
 
 typecheck: $(TEST_STAMP)
-	$(BIN)/mypy exporter grafana/dashboards.py
+	$(BIN)/mypy exporter grafana/dashboards.py prometheus/generate_rules.py
 
 pytest: $(TEST_STAMP)
 	$(BIN)/pytest

@@ -4,9 +4,12 @@
     python grafana/dashboards.py --check   exit 1 if the committed JSON differs from what it writes
 
 Every panel query is a plain PromQL string in `targets[].expr` over the raw metrics of
-docs/metrics.md (no recording rules), filtered by the `$provider` and `$model` variables
-where the series carries those labels, with `$__rate_interval` in every range function.
-`panel_queries()` and `variable_queries()` list them for the tests that run them.
+docs/metrics.md (no recording rules), filtered by the exporter it comes from (`$cluster`,
+`$job`, `$instance`) and by the `$provider` and `$model` variables where the series carries
+those labels, with `$__rate_interval` in every range function. Aggregations keep cluster,
+job and instance, and legends name the instance, so that two exporters that watch
+providers of the same name show as two series. `panel_queries()` and `variable_queries()`
+list them for the tests that run them.
 
 Numbers that several sources fill (time to first token, request duration, tokens per
 second, running requests) take, per provider and model, the provider's own series, else
@@ -51,9 +54,16 @@ UIDS = ("llm-overview", "llm-performance", "llm-traffic", "llm-resources", "llm-
 
 DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
-# Selectors: every series with a `provider` label is filtered by it, and by `model` when it has one.
-P = 'provider=~"$provider"'
-PM = 'provider=~"$provider", model=~"$model"'
+# Selectors: every series is filtered by the exporter it comes from (its cluster, job and
+# instance: the variables' "All" is `.*`, which also matches a series without the label, as
+# every series is without `cluster` where Prometheus sees one cluster), every series with a
+# `provider` label by it, and by `model` when it has one.
+T = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'
+P = f'{T}, provider=~"$provider"'
+PM = f'{P}, model=~"$model"'
+# The labels that tell exporters apart. Every aggregation per provider keeps them: two
+# exporters (in one cluster or two) that each watch a provider called `ollama` never merge.
+EXPORTER = "cluster, job, instance"
 
 GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
 UP_DOWN = ((1, "up"), (0, "down"))
@@ -141,7 +151,11 @@ def heatmap_query(expr: str) -> prometheus.Dataquery:
 
 
 def quantile(
-    q: float, metric: str, by: str = "provider, model", matchers: str = "", base: str = PM
+    q: float,
+    metric: str,
+    by: str = f"{EXPORTER}, provider, model",
+    matchers: str = "",
+    base: str = PM,
 ) -> str:
     """histogram_quantile over a histogram's buckets, filtered by provider and model (and
     matchers); base=P for a histogram without a model label."""
@@ -159,7 +173,7 @@ def quantiles(
     return [
         query(
             quantile(q, metric, matchers=matchers),
-            f"p{round(q * 100)} {{{{provider}}}}/{{{{model}}}}",
+            f"p{round(q * 100)} {{{{instance}}}} {{{{provider}}}}/{{{{model}}}}",
             ref=ref,
         )
         for q, ref in zip(qs, "ABCDEFGH", strict=False)
@@ -172,7 +186,7 @@ def best_of(*sources: tuple[str, str], on: str = "") -> str:
 
     `or` keeps the left-hand series and adds a right-hand one only where the left has none
     with the same labels, `source` ignored; with `on`, only where it has none with the same
-    values of those labels (on="provider": one source for the whole provider).
+    values of those labels (on=f"{EXPORTER}, provider": one source for the whole provider).
     """
     join = f" or on ({on}) " if on else " or ignoring (source) "
     return join.join(f'label_replace({expr}, "source", "{name}", "", "")' for name, expr in sources)
@@ -395,13 +409,16 @@ def merge_table(
     as_text: tuple[str, ...] = (),
     h: int = 8,
 ) -> table.Panel:
-    """Instant table queries merged into one row per series, Time and helper columns hidden.
+    """Instant table queries merged into one row per series, Time and helper columns hidden,
+    the exporter's columns (cluster where there is one, job, instance) first.
 
     The dashboard schema only takes objects as field override values, so the table has no
     overrides: one unit for its numeric columns (`as_text` columns are turned into text to
     escape it), and states shown as label values coloured by `states` mappings.
     """
     excluded = {name: True for name in ["Time", *hide]}
+    rename = {"cluster": "Cluster", "job": "Job", "instance": "Exporter", **rename}
+    order = ["cluster", "job", "instance", *order]
     conversions = [{"targetField": name, "destinationType": "string"} for name in as_text]
     builder = table.Panel().with_transformation(
         models.DataTransformerConfig(id_val="merge", options={})
@@ -444,35 +461,66 @@ def state_label(expr: str, states: tuple[tuple[int, str], ...]) -> str:
 # --- dashboards ----------------------------------------------------------------------------
 
 
+def variable(name: str, label: str, description: str, query_text: str) -> builders.QueryVariable:
+    """A query variable on the datasource: several values or All (`.*`), sorted, refreshed with
+    the time range."""
+    return (
+        builders.QueryVariable(name)
+        .label(label)
+        .description(description)
+        .datasource(DATASOURCE)
+        .query(query_text)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .current(models.VariableOption(text=["All"], value=["$__all"], selected=True))
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(models.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
+    )
+
+
+def variables() -> list[builders.QueryVariable]:
+    """cluster, job, instance, provider, model: each offers the values the ones before allow."""
+    return [
+        variable(
+            "cluster",
+            "Cluster",
+            "The `cluster` label of the exporters' series, where Prometheus (or the store it "
+            "writes to) sees several clusters. Without such a label it lists nothing, and All "
+            "matches every series.",
+            "label_values(llm_provider_up, cluster)",
+        ),
+        variable(
+            "job",
+            "Job",
+            "The Prometheus jobs that scrape the exporters (llm-exporter; a /probe job too).",
+            'label_values(llm_provider_up{cluster=~"$cluster"}, job)',
+        ),
+        variable(
+            "instance",
+            "Exporter",
+            "The exporters (their `instance`: host and port, or the provider of a /probe "
+            "target). Two exporters that watch providers of the same name show apart.",
+            'label_values(llm_provider_up{cluster=~"$cluster", job=~"$job"}, instance)',
+        ),
+        variable(
+            "provider",
+            "Provider",
+            "Providers (the configured names) of the selected exporters, from llm_provider_up.",
+            f"label_values(llm_provider_up{{{T}}}, provider)",
+        ),
+        variable(
+            "model",
+            "Model",
+            "Models the selected providers know, from llm_model_info.",
+            f"label_values(llm_model_info{{{P}}}, model)",
+        ),
+    ]
+
+
 def base(uid: str, title: str, description: str) -> builders.Dashboard:
     """What every dashboard has: tags, time, variables, links to the others, the alerts annotation."""
-    provider = (
-        builders.QueryVariable("provider")
-        .label("Provider")
-        .description("Providers (the configured names), from llm_provider_up.")
-        .datasource(DATASOURCE)
-        .query("label_values(llm_provider_up, provider)")
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-        .current(models.VariableOption(text=["All"], value=["$__all"], selected=True))
-        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(models.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
-    )
-    model = (
-        builders.QueryVariable("model")
-        .label("Model")
-        .description("Models the selected providers know, from llm_model_info.")
-        .datasource(DATASOURCE)
-        .query('label_values(llm_model_info{provider=~"$provider"}, model)')
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-        .current(models.VariableOption(text=["All"], value=["$__all"], selected=True))
-        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(models.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
-    )
-    return (
+    dashboard = (
         builders.Dashboard(title)
         .uid(uid)
         .description(description)
@@ -485,28 +533,27 @@ def base(uid: str, title: str, description: str) -> builders.Dashboard:
         .with_variable(
             builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
         )
-        .with_variable(provider)
-        .with_variable(model)
-        .annotation(
-            builders.AnnotationQuery()
-            .name("Firing alerts")
-            .datasource(DATASOURCE)
-            .expr('ALERTS{alertstate="firing"}')
-            .enable(True)
-            .hide(False)
-            .icon_color(RED)
-        )
-        .link(
-            builders.DashboardLink("LLM dashboards")
-            .type(models.DashboardLinkType.DASHBOARDS)
-            .tags([TAG])
-            .as_dropdown(False)
-            .include_vars(True)
-            .keep_time(True)
-            .target_blank(False)
-            .icon("external link")
-            .tooltip("The other llm-exporter dashboards")
-        )
+    )
+    for query_variable in variables():
+        dashboard = dashboard.with_variable(query_variable)
+    return dashboard.annotation(
+        builders.AnnotationQuery()
+        .name("Firing alerts")
+        .datasource(DATASOURCE)
+        .expr(f'ALERTS{{alertstate="firing", {T}}}')
+        .enable(True)
+        .hide(False)
+        .icon_color(RED)
+    ).link(
+        builders.DashboardLink("LLM dashboards")
+        .type(models.DashboardLinkType.DASHBOARDS)
+        .tags([TAG])
+        .as_dropdown(False)
+        .include_vars(True)
+        .keep_time(True)
+        .target_blank(False)
+        .icon("external link")
+        .tooltip("The other llm-exporter dashboards")
     )
 
 
@@ -519,8 +566,8 @@ def overview() -> builders.Dashboard:
         "none",
         [
             query(
-                'max(llm_health_status{component="overall", state="degraded"}'
-                ' or llm_health_status{component="overall", state="unhealthy"} * 2)',
+                f'max(llm_health_status{{{T}, component="overall", state="degraded"}}'
+                f' or llm_health_status{{{T}, component="overall", state="unhealthy"}} * 2)',
                 "overall",
             )
         ],
@@ -550,9 +597,9 @@ def overview() -> builders.Dashboard:
         TOKENS_PER_SECOND,
         [
             query(
-                f'sum(sum by (provider) (rate(llm_tokens_total{{{PM}, type="output"}}[{RATE}]))'
-                f' or sum by (provider) (rate(llm_gateway_tokens_total{{{PM}, type="output"}}[{RATE}]))'
-                f" or avg by (provider) (llm_probe_tokens_per_second{{{PM}}}))",
+                f'sum(sum by ({EXPORTER}, provider) (rate(llm_tokens_total{{{PM}, type="output"}}[{RATE}]))'
+                f' or sum by ({EXPORTER}, provider) (rate(llm_gateway_tokens_total{{{PM}, type="output"}}[{RATE}]))'
+                f" or avg by ({EXPORTER}, provider) (llm_probe_tokens_per_second{{{PM}}}))",
                 "output tokens/s",
             )
         ],
@@ -608,8 +655,8 @@ def overview() -> builders.Dashboard:
         "short",
         [
             query(
-                f"sum(sum by (provider) (llm_requests_running{{{PM}}})"
-                f" or sum by (provider) (llm_gateway_requests_in_flight{{{PM}}}))",
+                f"sum(sum by ({EXPORTER}, provider) (llm_requests_running{{{PM}}})"
+                f" or sum by ({EXPORTER}, provider) (llm_gateway_requests_in_flight{{{PM}}}))",
                 "running",
                 ref="A",
             ),
@@ -622,7 +669,12 @@ def overview() -> builders.Dashboard:
         "Share of the host's memory in use, per exporter host: orange where LLMHostMemoryHigh "
         "fires, red where /health calls it unhealthy.",
         "percentunit",
-        [query("llm_host_memory_used_bytes / llm_host_memory_total_bytes", "{{instance}}")],
+        [
+            query(
+                f"llm_host_memory_used_bytes{{{T}}} / llm_host_memory_total_bytes{{{T}}}",
+                "{{instance}}",
+            )
+        ],
         w=3,
     ).thresholds(alert_thresholds("Host memory used"))
     providers = merge_table(
@@ -630,10 +682,13 @@ def overview() -> builders.Dashboard:
         "Each provider: up or down, its kind and version, and how many models it has loaded.",
         [
             table_query(
-                state_label(f"max by (provider, kind) (llm_provider_up{{{P}}})", UP_DOWN), "A"
+                state_label(
+                    f"max by ({EXPORTER}, provider, kind) (llm_provider_up{{{P}}})", UP_DOWN
+                ),
+                "A",
             ),
-            table_query(f"max by (provider, version) (llm_provider_info{{{P}}})", "B"),
-            table_query(f"sum by (provider) (llm_model_loaded{{{PM}}})", "C"),
+            table_query(f"max by ({EXPORTER}, provider, version) (llm_provider_info{{{P}}})", "B"),
+            table_query(f"sum by ({EXPORTER}, provider) (llm_model_loaded{{{PM}}})", "C"),
         ],
         hide=["Value #A", "Value #B"],
         rename={
@@ -667,7 +722,7 @@ def overview() -> builders.Dashboard:
 
 def performance() -> builders.Dashboard:
     """LLM Performance: latency, time to first token, throughput and load."""
-    per_model = "{{provider}}/{{model}}"
+    per_model = "{{instance}} {{provider}}/{{model}}"
     return (
         base(
             "llm-performance",
@@ -781,11 +836,11 @@ def performance() -> builders.Dashboard:
                         best_of(
                             (
                                 "provider",
-                                f"sum by (provider, model, type) (rate(llm_tokens_total{{{PM}}}[{RATE}]))",
+                                f"sum by ({EXPORTER}, provider, model, type) (rate(llm_tokens_total{{{PM}}}[{RATE}]))",
                             ),
                             (
                                 "gateway",
-                                f"sum by (provider, model, type) (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))",
+                                f"sum by ({EXPORTER}, provider, model, type) (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))",
                             ),
                         ),
                         f"{per_model} {{{{type}}}} ({{{{source}}}})",
@@ -805,19 +860,19 @@ def performance() -> builders.Dashboard:
                         best_of(
                             (
                                 "provider",
-                                f"sum by (provider, model) (llm_requests_running{{{PM}}})",
+                                f"sum by ({EXPORTER}, provider, model) (llm_requests_running{{{PM}}})",
                             ),
                             (
                                 "gateway",
-                                f"sum by (provider, model) (llm_gateway_requests_in_flight{{{PM}}})",
+                                f"sum by ({EXPORTER}, provider, model) (llm_gateway_requests_in_flight{{{PM}}})",
                             ),
-                            on="provider",
+                            on=f"{EXPORTER}, provider",
                         ),
                         f"running {per_model} ({{{{source}}}})",
                         ref="A",
                     ),
                     query(
-                        f"sum by (provider, model) (llm_requests_waiting{{{PM}}})",
+                        f"sum by ({EXPORTER}, provider, model) (llm_requests_waiting{{{PM}}})",
                         f"waiting {per_model}",
                         ref="B",
                     ),
@@ -831,7 +886,7 @@ def performance() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        f"sum by (provider, model, outcome) (rate(llm_probe_requests_total{{{PM}}}[{RATE}]))",
+                        f"sum by ({EXPORTER}, provider, model, outcome) (rate(llm_probe_requests_total{{{PM}}}[{RATE}]))",
                         f"{per_model} {{{{outcome}}}}",
                     )
                 ],
@@ -845,10 +900,10 @@ def performance() -> builders.Dashboard:
                 "percentunit",
                 [
                     query(
-                        f'(sum by (provider) (rate(llm_provider_requests_total{{{P}, outcome!~"success|unsupported"}}[{RATE}]))'
-                        f" or sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}])) * 0)"
-                        f" / sum by (provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
-                        "{{provider}}",
+                        f'(sum by ({EXPORTER}, provider) (rate(llm_provider_requests_total{{{P}, outcome!~"success|unsupported"}}[{RATE}]))'
+                        f" or sum by ({EXPORTER}, provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}])) * 0)"
+                        f" / sum by ({EXPORTER}, provider) (rate(llm_provider_requests_total{{{P}}}[{RATE}]))",
+                        "{{instance}} {{provider}}",
                     )
                 ],
             )
@@ -859,7 +914,7 @@ def performance() -> builders.Dashboard:
 def traffic() -> builders.Dashboard:
     """LLM Traffic: the real requests through the measuring gateway, per model and client,
     and its queue and cache."""
-    per_model = "{{provider}}/{{model}}"
+    per_model = "{{instance}} {{provider}}/{{model}}"
     requests = f"llm_gateway_requests_total{{{PM}}}"
     judged = f"llm_gateway_requests_total{{{PM}, {GATEWAY_JUDGED}}}"
     stats = [
@@ -940,7 +995,7 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        f"sum by (provider, model, code) (rate({requests}[{RATE}]))",
+                        f"sum by ({EXPORTER}, provider, model, code) (rate({requests}[{RATE}]))",
                         f"{per_model} {{{{code}}}}",
                     )
                 ],
@@ -959,7 +1014,7 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        f"sum by (provider, model, outcome) (rate({requests}[{RATE}]))",
+                        f"sum by ({EXPORTER}, provider, model, outcome) (rate({requests}[{RATE}]))",
                         f"{per_model} {{{{outcome}}}}",
                     )
                 ],
@@ -975,16 +1030,16 @@ def traffic() -> builders.Dashboard:
                 [
                     query(
                         share(
-                            gateway_failed("provider, model"),
-                            f"sum by (provider, model) (rate({judged}[{RATE}]))",
+                            gateway_failed(f"{EXPORTER}, provider, model"),
+                            f"sum by ({EXPORTER}, provider, model) (rate({judged}[{RATE}]))",
                         ),
                         f"failed {per_model}",
                         ref="A",
                     ),
                     query(
                         share(
-                            f'sum by (provider, model) (rate(llm_gateway_requests_total{{{PM}, outcome="abandoned"}}[{RATE}]))',
-                            f"sum by (provider, model) (rate({requests}[{RATE}]))",
+                            f'sum by ({EXPORTER}, provider, model) (rate(llm_gateway_requests_total{{{PM}, outcome="abandoned"}}[{RATE}]))',
+                            f"sum by ({EXPORTER}, provider, model) (rate({requests}[{RATE}]))",
                         ),
                         f"abandoned {per_model}",
                         ref="B",
@@ -1001,9 +1056,9 @@ def traffic() -> builders.Dashboard:
                 [
                     query(
                         unattributed(
-                            f"sum by (provider, client, outcome) (rate({requests}[{RATE}]))"
+                            f"sum by ({EXPORTER}, provider, client, outcome) (rate({requests}[{RATE}]))"
                         ),
-                        "{{provider}} {{client}} {{outcome}}",
+                        "{{instance}} {{provider}} {{client}} {{outcome}}",
                     )
                 ],
                 stacked=True,
@@ -1055,7 +1110,7 @@ def traffic() -> builders.Dashboard:
                 TOKENS_PER_SECOND,
                 [
                     query(
-                        f"sum by (provider, model, type) (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))",
+                        f"sum by ({EXPORTER}, provider, model, type) (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))",
                         f"{per_model} {{{{type}}}}",
                     )
                 ],
@@ -1071,10 +1126,10 @@ def traffic() -> builders.Dashboard:
                 [
                     query(
                         unattributed(
-                            "sum by (provider, client, type)"
+                            f"sum by ({EXPORTER}, provider, client, type)"
                             f" (rate(llm_gateway_tokens_total{{{PM}}}[{RATE}]))"
                         ),
-                        "{{provider}} {{client}} {{type}}",
+                        "{{instance}} {{provider}} {{client}} {{type}}",
                     )
                 ],
                 w=8,
@@ -1101,9 +1156,9 @@ def traffic() -> builders.Dashboard:
                 [
                     query(
                         share(
-                            "sum by (provider, model)"
+                            f"sum by ({EXPORTER}, provider, model)"
                             f" (rate(llm_gateway_input_tokens_cached_total{{{PM}}}[{RATE}]))",
-                            "sum by (provider, model)"
+                            f"sum by ({EXPORTER}, provider, model)"
                             f' (rate(llm_gateway_tokens_total{{{PM}, type="input"}}[{RATE}]))',
                         ),
                         per_model,
@@ -1123,9 +1178,9 @@ def traffic() -> builders.Dashboard:
                 [
                     query(
                         share(
-                            "sum by (provider, model) (rate(llm_gateway_tokens_total"
+                            f"sum by ({EXPORTER}, provider, model) (rate(llm_gateway_tokens_total"
                             f'{{{PM}, type="output", source="stream_chunks"}}[{RATE}]))',
-                            "sum by (provider, model)"
+                            f"sum by ({EXPORTER}, provider, model)"
                             f' (rate(llm_gateway_tokens_total{{{PM}, type="output"}}[{RATE}]))',
                         ),
                         per_model,
@@ -1143,16 +1198,16 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        f"sum by (provider) (rate(llm_gateway_upstream_retries_total{{{P}}}[{RATE}]))",
-                        "retries {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (rate(llm_gateway_upstream_retries_total{{{P}}}[{RATE}]))",
+                        "retries {{instance}} {{provider}}",
                         ref="A",
                     ),
                     query(
-                        "sum by (provider, reason)"
+                        f"sum by ({EXPORTER}, provider, reason)"
                         f" (rate(llm_gateway_unmetered_responses_total{{{P}}}[{RATE}]))"
-                        " or on (provider) sum by (provider)"
+                        f" or on ({EXPORTER}, provider) sum by ({EXPORTER}, provider)"
                         f" (rate(llm_gateway_upstream_retries_total{{{P}}}[{RATE}])) * 0",
-                        "unmetered {{provider}} {{reason}}",
+                        "unmetered {{instance}} {{provider}} {{reason}}",
                         ref="B",
                     ),
                 ],
@@ -1167,7 +1222,7 @@ def traffic() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        f"sum by (provider, model) (llm_gateway_requests_in_flight{{{PM}}})",
+                        f"sum by ({EXPORTER}, provider, model) (llm_gateway_requests_in_flight{{{PM}}})",
                         per_model,
                     )
                 ],
@@ -1181,14 +1236,14 @@ def traffic() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        f"sum by (provider) (llm_gateway_connections{{{P}}})",
-                        "open {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_connections{{{P}}})",
+                        "open {{instance}} {{provider}}",
                         ref="A",
                     ),
                     query(
-                        "sum by (provider)"
+                        f"sum by ({EXPORTER}, provider)"
                         f" (increase(llm_gateway_connections_closed_total{{{P}}}[{RATE}]))",
-                        "closed at max_connections {{provider}}",
+                        "closed at max_connections {{instance}} {{provider}}",
                         ref="B",
                     ),
                 ],
@@ -1207,13 +1262,13 @@ def traffic() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        f"sum by (provider, priority) (llm_gateway_queue_waiting{{{P}}})",
-                        "{{provider}} priority {{priority}}",
+                        f"sum by ({EXPORTER}, provider, priority) (llm_gateway_queue_waiting{{{P}}})",
+                        "{{instance}} {{provider}} priority {{priority}}",
                         ref="A",
                     ),
                     query(
-                        f"sum by (provider) (llm_gateway_queue_max_waiting{{{P}}})",
-                        "max_waiting {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_queue_max_waiting{{{P}}})",
+                        "max_waiting {{instance}} {{provider}}",
                         ref="B",
                     ),
                 ],
@@ -1229,13 +1284,13 @@ def traffic() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        f"sum by (provider) (llm_gateway_queue_running{{{P}}})",
-                        "running {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_queue_running{{{P}}})",
+                        "running {{instance}} {{provider}}",
                         ref="A",
                     ),
                     query(
-                        f"sum by (provider) (llm_gateway_queue_max_concurrent{{{P}}})",
-                        "max_concurrent {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_queue_max_concurrent{{{P}}})",
+                        "max_concurrent {{instance}} {{provider}}",
                         ref="B",
                     ),
                 ],
@@ -1252,14 +1307,14 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        f"sum by (provider) (llm_gateway_queue_service_rate{{{P}}})",
-                        "service rate {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_queue_service_rate{{{P}}})",
+                        "service rate {{instance}} {{provider}}",
                         ref="A",
                     ),
                     query(
-                        "sum by (provider)"
+                        f"sum by ({EXPORTER}, provider)"
                         f" (rate(llm_gateway_queue_wait_seconds_count{{{P}}}[{RATE}]))",
-                        "through the queue {{provider}}",
+                        "through the queue {{instance}} {{provider}}",
                         ref="B",
                     ),
                 ],
@@ -1276,8 +1331,13 @@ def traffic() -> builders.Dashboard:
                 "s",
                 [
                     query(
-                        quantile(q, "llm_gateway_queue_wait_seconds", "provider, outcome", base=P),
-                        f"p{round(q * 100)} {{{{provider}}}} {{{{outcome}}}}",
+                        quantile(
+                            q,
+                            "llm_gateway_queue_wait_seconds",
+                            f"{EXPORTER}, provider, outcome",
+                            base=P,
+                        ),
+                        f"p{round(q * 100)} {{{{instance}}}} {{{{provider}}}} {{{{outcome}}}}",
                         ref=ref,
                     )
                     for q, ref in ((0.5, "A"), (0.95, "B"))
@@ -1294,9 +1354,9 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        "sum by (provider, reason)"
+                        f"sum by ({EXPORTER}, provider, reason)"
                         f" (rate(llm_gateway_queue_rejections_total{{{P}}}[{RATE}]))",
-                        "{{provider}} {{reason}}",
+                        "{{instance}} {{provider}} {{reason}}",
                     )
                 ],
                 stacked=True,
@@ -1312,12 +1372,12 @@ def traffic() -> builders.Dashboard:
                 [
                     query(
                         share(
-                            "sum by (provider) (rate(llm_gateway_cache_lookups_total"
+                            f"sum by ({EXPORTER}, provider) (rate(llm_gateway_cache_lookups_total"
                             f'{{{P}, result="hit"}}[{RATE}]))',
-                            "sum by (provider) (rate(llm_gateway_cache_lookups_total"
+                            f"sum by ({EXPORTER}, provider) (rate(llm_gateway_cache_lookups_total"
                             f'{{{P}, result=~"hit|miss"}}[{RATE}]))',
                         ),
-                        "{{provider}}",
+                        "{{instance}} {{provider}}",
                     )
                 ],
                 w=8,
@@ -1332,9 +1392,9 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        "sum by (provider, result)"
+                        f"sum by ({EXPORTER}, provider, result)"
                         f" (rate(llm_gateway_cache_lookups_total{{{P}}}[{RATE}]))",
-                        "{{provider}} {{result}}",
+                        "{{instance}} {{provider}} {{result}}",
                     )
                 ],
                 w=8,
@@ -1352,11 +1412,11 @@ def traffic() -> builders.Dashboard:
                 "reqps",
                 [
                     query(
-                        "sum by (provider, reason)"
+                        f"sum by ({EXPORTER}, provider, reason)"
                         f" (rate(llm_gateway_cache_bypasses_total{{{P}}}[{RATE}]))"
-                        " or on (provider) sum by (provider) (rate(llm_gateway_cache_lookups_total"
+                        f" or on ({EXPORTER}, provider) sum by ({EXPORTER}, provider) (rate(llm_gateway_cache_lookups_total"
                         f'{{{P}, result="bypass"}}[{RATE}])) * 0',
-                        "{{provider}} {{reason}}",
+                        "{{instance}} {{provider}} {{reason}}",
                     )
                 ],
                 w=8,
@@ -1371,13 +1431,13 @@ def traffic() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        f"sum by (provider) (llm_gateway_cache_entries{{{P}}})",
-                        "entries {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_cache_entries{{{P}}})",
+                        "entries {{instance}} {{provider}}",
                         ref="A",
                     ),
                     query(
-                        f"sum by (provider) (llm_gateway_cache_max_entries{{{P}}})",
-                        "max_entries {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_cache_max_entries{{{P}}})",
+                        "max_entries {{instance}} {{provider}}",
                         ref="B",
                     ),
                 ],
@@ -1393,13 +1453,13 @@ def traffic() -> builders.Dashboard:
                 "bytes",
                 [
                     query(
-                        f"sum by (provider) (llm_gateway_cache_bytes{{{P}}})",
-                        "bytes {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_cache_bytes{{{P}}})",
+                        "bytes {{instance}} {{provider}}",
                         ref="A",
                     ),
                     query(
-                        f"sum by (provider) (llm_gateway_cache_max_bytes{{{P}}})",
-                        "max_bytes {{provider}}",
+                        f"sum by ({EXPORTER}, provider) (llm_gateway_cache_max_bytes{{{P}}})",
+                        "max_bytes {{instance}} {{provider}}",
                         ref="B",
                     ),
                 ],
@@ -1415,11 +1475,11 @@ def traffic() -> builders.Dashboard:
                 "cps",
                 [
                     query(
-                        "sum by (provider, reason)"
+                        f"sum by ({EXPORTER}, provider, reason)"
                         f" (rate(llm_gateway_cache_evictions_total{{{P}}}[{RATE}]))"
-                        " or on (provider) sum by (provider)"
+                        f" or on ({EXPORTER}, provider) sum by ({EXPORTER}, provider)"
                         f" (llm_gateway_cache_entries{{{P}}}) * 0",
-                        "{{provider}} {{reason}}",
+                        "{{instance}} {{provider}} {{reason}}",
                     )
                 ],
                 w=8,
@@ -1434,9 +1494,9 @@ def traffic() -> builders.Dashboard:
                 TOKENS_PER_SECOND,
                 [
                     query(
-                        "sum by (provider, type)"
+                        f"sum by ({EXPORTER}, provider, type)"
                         f" (rate(llm_gateway_cache_saved_tokens_total{{{P}}}[{RATE}]))",
-                        "{{provider}} {{type}}",
+                        "{{instance}} {{provider}} {{type}}",
                     )
                 ],
             )
@@ -1450,9 +1510,9 @@ def traffic() -> builders.Dashboard:
                 SECONDS_PER_SECOND,
                 [
                     query(
-                        "sum by (provider)"
+                        f"sum by ({EXPORTER}, provider)"
                         f" (rate(llm_gateway_cache_saved_seconds_total{{{P}}}[{RATE}]))",
-                        "{{provider}}",
+                        "{{instance}} {{provider}}",
                     )
                 ],
             )
@@ -1462,7 +1522,7 @@ def traffic() -> builders.Dashboard:
 
 def resources() -> builders.Dashboard:
     """LLM Resources: host, provider processes, GPUs, model memory, KV cache and slots."""
-    per_model = "{{provider}}/{{model}}"
+    per_model = "{{instance}} {{provider}}/{{model}}"
     return (
         base(
             "llm-resources",
@@ -1475,7 +1535,7 @@ def resources() -> builders.Dashboard:
                 "Host CPU",
                 "Share of the host's CPU time in use (host-wide: not filtered by provider).",
                 "percentunit",
-                [query("llm_host_cpu_usage_ratio", "{{instance}}")],
+                [query(f"llm_host_cpu_usage_ratio{{{T}}}", "{{instance}}")],
                 w=8,
             )
         )
@@ -1485,8 +1545,8 @@ def resources() -> builders.Dashboard:
                 "Host memory in use (total less available) and in total (host-wide).",
                 "bytes",
                 [
-                    query("llm_host_memory_used_bytes", "used {{instance}}", ref="A"),
-                    query("llm_host_memory_total_bytes", "total {{instance}}", ref="B"),
+                    query(f"llm_host_memory_used_bytes{{{T}}}", "used {{instance}}", ref="A"),
+                    query(f"llm_host_memory_total_bytes{{{T}}}", "total {{instance}}", ref="B"),
                 ],
                 w=8,
             )
@@ -1498,7 +1558,7 @@ def resources() -> builders.Dashboard:
                 "percentunit",
                 [
                     query(
-                        "llm_host_disk_used_bytes / llm_host_disk_total_bytes",
+                        f"llm_host_disk_used_bytes{{{T}}} / llm_host_disk_total_bytes{{{T}}}",
                         "{{instance}} {{mountpoint}}",
                     )
                 ],
@@ -1511,7 +1571,12 @@ def resources() -> builders.Dashboard:
                 "Provider process memory",
                 "Resident memory of each provider's process on this host (providers with `process` configured).",
                 "bytes",
-                [query(f"llm_provider_process_resident_memory_bytes{{{P}}}", "{{provider}}")],
+                [
+                    query(
+                        f"llm_provider_process_resident_memory_bytes{{{P}}}",
+                        "{{instance}} {{provider}}",
+                    )
+                ],
                 w=8,
             )
         )
@@ -1523,7 +1588,7 @@ def resources() -> builders.Dashboard:
                 [
                     query(
                         f"rate(llm_provider_process_cpu_seconds_total{{{P}}}[{RATE}])",
-                        "{{provider}}",
+                        "{{instance}} {{provider}}",
                     )
                 ],
                 w=8,
@@ -1534,7 +1599,7 @@ def resources() -> builders.Dashboard:
                 "Provider process open fds",
                 "Open file descriptors of each provider's process.",
                 "short",
-                [query(f"llm_provider_process_open_fds{{{P}}}", "{{provider}}")],
+                [query(f"llm_provider_process_open_fds{{{P}}}", "{{instance}} {{provider}}")],
                 w=8,
             )
         )
@@ -1545,8 +1610,16 @@ def resources() -> builders.Dashboard:
                 "GPU memory in use and in total, per GPU (NVML; host-wide).",
                 "bytes",
                 [
-                    query("llm_gpu_memory_used_bytes", "used {{instance}} gpu {{gpu}}", ref="A"),
-                    query("llm_gpu_memory_total_bytes", "total {{instance}} gpu {{gpu}}", ref="B"),
+                    query(
+                        f"llm_gpu_memory_used_bytes{{{T}}}",
+                        "used {{instance}} gpu {{gpu}}",
+                        ref="A",
+                    ),
+                    query(
+                        f"llm_gpu_memory_total_bytes{{{T}}}",
+                        "total {{instance}} gpu {{gpu}}",
+                        ref="B",
+                    ),
                 ],
                 w=6,
             )
@@ -1556,7 +1629,7 @@ def resources() -> builders.Dashboard:
                 "GPU utilization",
                 "Share of time each GPU was busy over the driver's last sample period.",
                 "percentunit",
-                [query("llm_gpu_utilization_ratio", "{{instance}} gpu {{gpu}}")],
+                [query(f"llm_gpu_utilization_ratio{{{T}}}", "{{instance}} gpu {{gpu}}")],
                 w=6,
             )
         )
@@ -1565,7 +1638,7 @@ def resources() -> builders.Dashboard:
                 "GPU temperature",
                 "Temperature of each GPU.",
                 "celsius",
-                [query("llm_gpu_temperature_celsius", "{{instance}} gpu {{gpu}}")],
+                [query(f"llm_gpu_temperature_celsius{{{T}}}", "{{instance}} gpu {{gpu}}")],
                 w=6,
             )
         )
@@ -1574,7 +1647,7 @@ def resources() -> builders.Dashboard:
                 "GPU power",
                 "Power draw of each GPU.",
                 "watt",
-                [query("llm_gpu_power_watts", "{{instance}} gpu {{gpu}}")],
+                [query(f"llm_gpu_power_watts{{{T}}}", "{{instance}} gpu {{gpu}}")],
                 w=6,
             )
         )
@@ -1604,7 +1677,7 @@ def resources() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        f"sum by (provider, model, state) (llm_slots{{{PM}}})",
+                        f"sum by ({EXPORTER}, provider, model, state) (llm_slots{{{PM}}})",
                         f"{per_model} {{{{state}}}}",
                     )
                 ],
@@ -1618,20 +1691,27 @@ def resources() -> builders.Dashboard:
 def models_dashboard() -> builders.Dashboard:
     """LLM Models: the inventory, what is loaded, expiry, and the lifecycle row: loads and
     unloads by cause, load times, thrashing, time loaded and idle, VRAM, pins, the policy."""
-    per_model = "{{provider}}/{{model}}"
+    per_model = "{{instance}} {{provider}}/{{model}}"
     inventory = merge_table(
         "Model inventory",
         "Every model the providers know, with its details, size on disk, context length and whether it is loaded.",
         [
             table_query(
-                "max by (provider, model, family, parameter_size, quantization, format)"
+                f"max by ({EXPORTER}, provider, model, family, parameter_size, quantization, format)"
                 f" (llm_model_info{{{PM}}})",
                 "A",
             ),
-            table_query(f"max by (provider, model) (llm_model_size_bytes{{{PM}}})", "B"),
-            table_query(f"max by (provider, model) (llm_model_context_tokens{{{PM}}})", "C"),
             table_query(
-                state_label(f"max by (provider, model) (llm_model_loaded{{{PM}}})", LOADED), "D"
+                f"max by ({EXPORTER}, provider, model) (llm_model_size_bytes{{{PM}}})", "B"
+            ),
+            table_query(
+                f"max by ({EXPORTER}, provider, model) (llm_model_context_tokens{{{PM}}})", "C"
+            ),
+            table_query(
+                state_label(
+                    f"max by ({EXPORTER}, provider, model) (llm_model_loaded{{{PM}}})", LOADED
+                ),
+                "D",
             ),
         ],
         hide=["Value #A", "Value #D"],
@@ -1703,18 +1783,18 @@ def models_dashboard() -> builders.Dashboard:
                 "loads that failed. The /models endpoint lists the last 200 of these events.",
                 [
                     query(
-                        f"sum by (provider, model) (increase(llm_model_loads_total{{{PM}}}[{RATE}]))",
+                        f"sum by ({EXPORTER}, provider, model) (increase(llm_model_loads_total{{{PM}}}[{RATE}]))",
                         f"{per_model} loaded",
                         ref="A",
                     ),
                     query(
-                        "sum by (provider, model, cause)"
+                        f"sum by ({EXPORTER}, provider, model, cause)"
                         f" (increase(llm_model_unloads_total{{{PM}}}[{RATE}]))",
                         f"{per_model} unloaded ({{{{cause}}}})",
                         ref="B",
                     ),
                     query(
-                        "sum by (provider, model)"
+                        f"sum by ({EXPORTER}, provider, model)"
                         f" (increase(llm_model_load_failures_total{{{PM}}}[{RATE}]))",
                         f"{per_model} load failed",
                         ref="C",
@@ -1734,11 +1814,11 @@ def models_dashboard() -> builders.Dashboard:
                 [
                     query(
                         "3600 * ("
-                        "sum by (provider, model) (rate(llm_model_unloads_total"
+                        f"sum by ({EXPORTER}, provider, model) (rate(llm_model_unloads_total"
                         f'{{{PM}, cause="evicted"}}[{RATE}]))'
-                        " < sum by (provider, model)"
+                        f" < sum by ({EXPORTER}, provider, model)"
                         f" (rate(llm_model_loads_total{{{PM}}}[{RATE}]))"
-                        " or sum by (provider, model)"
+                        f" or sum by ({EXPORTER}, provider, model)"
                         f" (rate(llm_model_loads_total{{{PM}}}[{RATE}]))"
                         ")",
                         per_model,
@@ -1789,7 +1869,7 @@ def models_dashboard() -> builders.Dashboard:
                 [
                     query(
                         f"(time() - llm_model_last_used_timestamp_seconds{{{PM}}})"
-                        f" and on (provider, model) llm_model_loaded{{{PM}}} == 1",
+                        f" and on ({EXPORTER}, provider, model) llm_model_loaded{{{PM}}} == 1",
                         per_model,
                     )
                 ],
@@ -1804,7 +1884,7 @@ def models_dashboard() -> builders.Dashboard:
                 "bytes",
                 [
                     query(
-                        f'sum by (provider, model) (llm_model_memory_bytes{{{PM}, memory="vram"}})',
+                        f'sum by ({EXPORTER}, provider, model) (llm_model_memory_bytes{{{PM}, memory="vram"}})',
                         per_model,
                     )
                 ],
@@ -1821,11 +1901,11 @@ def models_dashboard() -> builders.Dashboard:
                 "its provider is up.",
                 [
                     query(
-                        f"(max by (provider, model) (llm_model_sleeping{{{PM}}}) == 1) * 2"
-                        f" * on (provider, model) max by (provider, model) (llm_model_pinned{{{PM}}})"
-                        f" or max by (provider, model) (llm_model_loaded{{{PM}}})"
-                        f" * on (provider, model) max by (provider, model) (llm_model_pinned{{{PM}}})"
-                        f" or max by (provider, model) (llm_model_pinned{{{PM}}}) * 0",
+                        f"(max by ({EXPORTER}, provider, model) (llm_model_sleeping{{{PM}}}) == 1) * 2"
+                        f" * on ({EXPORTER}, provider, model) max by ({EXPORTER}, provider, model) (llm_model_pinned{{{PM}}})"
+                        f" or max by ({EXPORTER}, provider, model) (llm_model_loaded{{{PM}}})"
+                        f" * on ({EXPORTER}, provider, model) max by ({EXPORTER}, provider, model) (llm_model_pinned{{{PM}}})"
+                        f" or max by ({EXPORTER}, provider, model) (llm_model_pinned{{{PM}}}) * 0",
                         per_model,
                     )
                 ],
@@ -1843,17 +1923,17 @@ def models_dashboard() -> builders.Dashboard:
                 "short",
                 [
                     query(
-                        "sum by (provider, action, reason, outcome)"
+                        f"sum by ({EXPORTER}, provider, action, reason, outcome)"
                         f" (increase(llm_lifecycle_actions_total{{{P}}}[{RATE}]))",
-                        "{{provider}} {{action}} {{reason}} {{outcome}}",
+                        "{{instance}} {{provider}} {{action}} {{reason}} {{outcome}}",
                         ref="A",
                     ),
                     query(
-                        "sum by (provider) (increase(llm_lifecycle_reads_total"
+                        f"sum by ({EXPORTER}, provider) (increase(llm_lifecycle_reads_total"
                         f'{{{P}, outcome="failure"}}[{RATE}]))'
-                        " or sum by (provider)"
+                        f" or sum by ({EXPORTER}, provider)"
                         f" (increase(llm_lifecycle_reads_total{{{P}}}[{RATE}])) * 0",
-                        "{{provider}} failed reads",
+                        "{{instance}} {{provider}} failed reads",
                         ref="B",
                     ),
                 ],

@@ -21,7 +21,9 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +36,7 @@ from exporter.server import Exporter, create_app
 from llamacpp_server import LlamaCppServer, free_port
 from tests.helpers import config_of, provider_yaml
 from tests.ollama_standin import OllamaLifecycle
+from tests.prometheus_server import prometheus
 from tests.standins import (
     StandIn,
     closed_port,
@@ -426,17 +429,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
 WINDOW = "15s"
 
 
-def substitute(expr: str) -> str:
-    """A panel query as Grafana would send it, with this stack's variable values."""
+def substitute(expr: str, **values: str) -> str:
+    """A panel query as Grafana would send it, with this stack's variable values: All for
+    the exporter's variables (`.*`, which matches the cluster label this stack's series do
+    not have), every provider and model; or the values given."""
+    defaults = {"cluster": ".*", "job": ".*", "instance": ".*", "provider": ".+", "model": ".+"}
     for name, value in (
         ("__rate_interval", WINDOW),
         ("__interval", "2s"),
         ("__range", "30s"),
-        ("provider", ".+"),
-        ("model", ".+"),
+        *(defaults | values).items(),
     ):
         expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
     return expr
+
+
+def regex_of(value: str) -> str:
+    """One variable value as Grafana writes it into a PromQL regex: escaped, in a string."""
+    return re.escape(value).replace("\\", "\\\\")
 
 
 def documented_metrics() -> set[str]:
@@ -505,6 +515,183 @@ def test_rules_and_dashboards_name_only_documented_metrics() -> None:
             assert not unknown, f"{dashboard.name} names {unknown}"
 
 
+# -- Two exporters that watch providers of the same name -------------------------------------
+
+# The catalogue's rows: name, type, labels.
+CATALOGUE_ROW = re.compile(
+    r"^\| `(llm_[a-z_]+)` \| (counter|gauge|histogram) \| ([^|]*) \|", re.MULTILINE
+)
+# The synthetic exporters' label values: several where panels and rules pick some of them.
+LABEL_VALUES = {
+    "provider": ("ollama",),
+    "model": ("m",),
+    "kind": ("ollama",),
+    "type": ("input", "output"),
+    "outcome": ("success", "timeout", "complete", "dispatched", "failure"),
+    "code": ("2xx", "5xx"),
+    "operation": ("chat",),
+    "source": ("usage", "stream_chunks"),
+    "result": ("hit", "miss", "bypass"),
+    "component": ("overall", "provider"),
+    "state": ("degraded", "unhealthy"),
+    "memory": ("total", "vram"),
+    "cause": ("evicted",),
+    "reason": ("queue_full",),
+    "action": ("load",),
+    "client": ("x",),
+    "priority": ("0",),
+    "endpoint": ("/api/ps",),
+    "gpu": ("0",),
+    "mountpoint": ("/",),
+}
+
+
+def exposition(scrapes: int) -> str:
+    """Every catalogued llm_ metric, as one exporter watching a provider called `ollama`
+    would serve it at its `scrapes`-th scrape: gauges 1, counters and histograms growing."""
+    lines = []
+    catalogue = (ROOT / "docs" / "metrics.md").read_text()
+    for name, kind, labels_column in CATALOGUE_ROW.findall(catalogue):
+        names = re.findall(r"`(\w+)`", labels_column)
+        combinations: list[dict[str, str]] = [{}]
+        for label in names:
+            values = LABEL_VALUES.get(label, ("x",))
+            combinations = [{**c, label: value} for c in combinations for value in values]
+        lines.append(f"# TYPE {name} {kind}")
+        for labels in combinations:
+            rendered = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            if kind == "gauge":
+                lines.append(f"{name}{{{rendered}}} 1")
+            elif kind == "counter":
+                lines.append(f"{name}{{{rendered}}} {10 * scrapes}")
+            else:
+                for le, share in (("0.5", 1), ("2", 2), ("+Inf", 2)):
+                    joined = f"{rendered}," if rendered else ""
+                    lines.append(f'{name}_bucket{{{joined}le="{le}"}} {share * scrapes}')
+                lines.append(f"{name}_sum{{{rendered}}} {scrapes}")
+                lines.append(f"{name}_count{{{rendered}}} {2 * scrapes}")
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def synthetic_exporter() -> Iterator[str]:
+    """An HTTP server that serves exposition() on /metrics; yields its host:port."""
+    scrapes = 0
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            nonlocal scrapes
+            scrapes += 1
+            body = exposition(scrapes).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+PANEL_TYPES = {
+    (file.stem, panel["title"]): panel["type"]
+    for file in DASHBOARDS
+    for item in json.loads(file.read_text())["panels"]
+    for panel in (item, *item.get("panels", []))
+}
+
+
+def apart(result: list[dict[str, Any]], instances: set[str]) -> list[str]:
+    """What is wrong with a query's result where each exporter should have its own series:
+    series that carry a provider but no instance, and label sets (cluster, job and instance
+    aside) that not every exporter has exactly once."""
+    wrong = []
+    groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for series in result:
+        labels = series["metric"]
+        if "instance" not in labels:
+            if "provider" in labels:
+                wrong.append(f"no instance: {labels}")
+            continue
+        key = tuple(
+            sorted((k, v) for k, v in labels.items() if k not in ("cluster", "job", "instance"))
+        )
+        groups.setdefault(key, []).append(labels["instance"])
+    for key, found in groups.items():
+        if sorted(found) != sorted(instances):
+            wrong.append(f"{dict(key)}: {found}")
+    return wrong
+
+
+def test_two_exporters_that_share_provider_names_stay_apart(tmp_path: Path) -> None:
+    """Two exporters that each watch a provider called `ollama`, one of them labelled
+    cluster="eu-1" by its scrape config, the other with no cluster label, in a real
+    Prometheus running the recording rules: every dashboard query and every recorded series
+    shows each exporter's series apart (the stat panels' and heatmaps' totals aside); All
+    in the cluster variable takes both, `eu-1` the labelled one only."""
+    with synthetic_exporter() as first, synthetic_exporter() as second:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(PROMETHEUS_DIR / "rules" / "llm-recording.yml")],
+            "scrape_configs": [
+                {
+                    "job_name": JOB,
+                    "static_configs": [
+                        {"targets": [first], "labels": {"cluster": "eu-1"}},
+                        {"targets": [second]},
+                    ],
+                }
+            ],
+        }
+        with prometheus(config, tmp_path) as base:
+
+            def ask(expr: str) -> list[dict[str, Any]]:
+                answer = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10)
+                body = answer.json()
+                assert body["status"] == "success", (expr, body)
+                result: list[dict[str, Any]] = body["data"]["result"]
+                return result
+
+            def scraped() -> bool:
+                try:
+                    counts = ask(f"count_over_time(llm_provider_up[{WINDOW}]) >= 6")
+                except httpx.TransportError:
+                    return False
+                return len(counts) == 2
+
+            wait_for(scraped, "six scrapes of both exporters", 60)
+            instances = {first, second}
+            for dashboard, panel, expr in dashboard_queries():
+                result = ask(substitute(expr))
+                assert result, f"{dashboard} / {panel}: {expr}"
+                wrong = apart(result, instances)
+                assert not wrong, f"{dashboard} / {panel}: {expr}: {wrong}"
+                if not any("instance" in series["metric"] for series in result):
+                    # A total over everything selected: the status bar, a heatmap.
+                    assert PANEL_TYPES[dashboard, panel] in ("stat", "heatmap"), (panel, expr)
+                # The cluster variable: eu-1 takes the labelled exporter only.
+                chosen = ask(substitute(expr, cluster="eu-1"))
+                assert chosen, f"{dashboard} / {panel}: {expr}"
+                assert {s["metric"].get("instance", first) for s in chosen} == {first}, panel
+            recorded = {name for name, expr in rule_expressions() if ":" in name}
+            for name in sorted(recorded):
+                result = ask(name)
+                wrong = apart(result, instances)
+                assert not wrong, f"{name}: {wrong}"
+                clusters = {s["metric"]["instance"]: s["metric"].get("cluster") for s in result}
+                assert clusters in ({}, {first: "eu-1", second: None}), (name, clusters)
+
+
 def test_every_rule_is_loaded_and_evaluates_ok(stack: Stack) -> None:
     def evaluated() -> list[dict[str, Any]] | None:
         groups = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
@@ -545,6 +732,21 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
     assert empty == []
 
 
+def test_every_dashboard_query_returns_data_for_the_one_exporter(stack: Stack) -> None:
+    """The same, with the exporter chosen in the job and instance variables."""
+    instance = stack.exporter.removeprefix("http://")
+    empty = []
+    for dashboard, panel, expr in dashboard_queries():
+        filled = substitute(expr, job=JOB, instance=regex_of(instance))
+        assert f'instance=~"{regex_of(instance)}"' in filled, expr
+        result = stack.query(filled)
+        if not result:
+            empty.append(f"{dashboard} / {panel}: {expr}")
+        for series in result:
+            assert series["metric"].get("instance", instance) == instance, (panel, series)
+    assert empty == []
+
+
 def test_every_variable_has_values(stack: Stack) -> None:
     for file in DASHBOARDS:
         for variable in json.loads(file.read_text()).get("templating", {}).get("list", []):
@@ -558,7 +760,13 @@ def test_every_variable_has_values(stack: Stack) -> None:
             series = httpx.get(
                 f"{stack.prometheus}/api/v1/series", params={"match[]": selector}, timeout=10
             ).json()["data"]
-            assert {s[label] for s in series if label in s}, f"{file.name}: {variable['name']}"
+            values = {s[label] for s in series if label in s}
+            if variable["name"] == "cluster":
+                # No cluster label here: the variable lists nothing, and its All (`.*`)
+                # matches every series (test_every_dashboard_query_returns_data).
+                assert values == set(), f"{file.name}: {values}"
+                continue
+            assert values, f"{file.name}: {variable['name']}"
 
 
 def test_a_provider_down_fires_only_provider_down(stack: Stack) -> None:
@@ -683,8 +891,8 @@ def test_models_that_evict_each_other_fire_thrashing_and_a_pinned_one_stays(stac
 # Pairs of alerts posted to the bundle's Alertmanager, each pair about a provider of its
 # own: whether the first mutes the second ("NAME/SOURCE" carries source="SOURCE", as
 # LLMTimeToFirstTokenHigh does; the model lifecycle's alerts carry model="m", or the model
-# after a "#"). The pairs share job and instance, so a pair not muted also shows that an
-# alert about another provider mutes nothing.
+# after a "#"; "NAME@CLUSTER" carries cluster="CLUSTER"). The pairs share job and instance,
+# so a pair not muted also shows that an alert about another provider mutes nothing.
 INHIBITIONS = (
     # A full gateway queue, one cause: clients turned away say the most.
     ("LLMGatewayRequestsRejected", "LLMGatewayQueueSaturated", True),
@@ -715,6 +923,10 @@ INHIBITIONS = (
     ("LLMModelLoadFailed", "LLMPinnedModelNotLoaded#other", False),
     ("LLMPinnedModelNotLoaded", "LLMModelLoadFailed", False),
     ("LLMProviderScrapeFailing", "LLMPinnedModelNotLoaded", True),
+    # Exporters with the same job and instance in two clusters: one's provider being down
+    # explains nothing of the other's; in the same cluster it does.
+    ("LLMProviderDown@eu-1", "LLMGatewayRequestsRejected@us-1", False),
+    ("LLMProviderDown@eu-1", "LLMGatewayRequestsRejected@eu-1", True),
     ("LLMModelThrashing", "LLMPinnedModelNotLoaded", False),
     ("LLMModelThrashing", "LLMModelLoadSlow", False),
 )
@@ -729,6 +941,7 @@ INHIBITED_INSTANCE = "inhibitions:9741"
 
 def posted_alert(provider: str, name: str) -> dict[str, Any]:
     """An alert as Prometheus would send it for this provider (the rule's labels included)."""
+    name, _, cluster = name.partition("@")
     name, _, model = name.partition("#")
     alertname, _, source = name.partition("/")
     labels = {
@@ -744,6 +957,8 @@ def posted_alert(provider: str, name: str) -> dict[str, Any]:
         labels["model"] = model or "m"
     if alertname == "LLMHealthDegraded":
         labels |= {"component": "provider", "state": "degraded"}
+    if cluster:
+        labels["cluster"] = cluster
     now = time.time()
     stamp = "%Y-%m-%dT%H:%M:%SZ"
     return {
@@ -757,7 +972,7 @@ def posted_alert(provider: str, name: str) -> dict[str, Any]:
 def test_alertmanager_ranks_the_queue_alerts(stack: Stack) -> None:
     """The inhibitions of prometheus/alertmanager.yml in a real Alertmanager: a full gateway
     queue is one cause, ranked; a stalled or stopped provider explains its queue; a pinned
-    model's failed loads explain why it is not loaded."""
+    model's failed loads explain why it is not loaded; nothing mutes across clusters."""
     cases = {f"case{index}": case for index, case in enumerate(INHIBITIONS)}
     alerts = [
         posted_alert(provider, name)
@@ -778,6 +993,7 @@ def test_alertmanager_ranks_the_queue_alerts(stack: Stack) -> None:
             labels = alert["labels"]
             name = labels["alertname"] + (f"/{labels['source']}" if "source" in labels else "")
             name += f"#{labels['model']}" if labels.get("model", "m") != "m" else ""
+            name += f"@{labels['cluster']}" if "cluster" in labels else ""
             states[labels["provider"], name] = bool(alert["status"]["inhibitedBy"])
         return states
 

@@ -35,6 +35,12 @@ SELECTOR = re.compile(r"(llm_[a-z_]+)\s*(\{[^}]*\})?")
 RANGE = re.compile(r"\[([^\]]*)\]")
 RANGE_FUNCTION = re.compile(r"\b(rate|irate|increase)\s*\(")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# The exporter's filters every selector carries, and the labels every aggregation keeps.
+EXPORTER_FILTERS = ('cluster=~"$cluster"', 'job=~"$job"', 'instance=~"$instance"')
+EXPORTER_LABELS = ("cluster", "job", "instance")
+# `by (...)`, `on (...)` and `ignoring (...)` label lists, and aggregations over everything.
+GROUPING = re.compile(r"\b(by|on|ignoring) \(([^)]*)\)")
+TOTAL = re.compile(r"\b(sum|max|min|avg|count)\(")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 DASHBOARDS = generator.load()
@@ -149,17 +155,31 @@ def test_uids_titles_and_file_names_are_stable() -> None:
 
 @pytest.mark.parametrize("uid", generator.UIDS)
 def test_the_variables(uid: str) -> None:
+    """The datasource, then the exporter (cluster, job, instance), then provider and model,
+    each offering the values the ones before it allow."""
     variables = {v["name"]: v for v in DASHBOARDS[uid]["templating"]["list"]}
+    assert list(variables) == ["datasource", "cluster", "job", "instance", "provider", "model"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    provider, model = variables["provider"], variables["model"]
-    assert provider["query"] == "label_values(llm_provider_up, provider)"
-    assert model["query"] == 'label_values(llm_model_info{provider=~"$provider"}, model)'
-    for variable in (provider, model):
+    exporter = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'
+    assert {name: v["query"] for name, v in variables.items() if name != "datasource"} == {
+        "cluster": "label_values(llm_provider_up, cluster)",
+        "job": 'label_values(llm_provider_up{cluster=~"$cluster"}, job)',
+        "instance": 'label_values(llm_provider_up{cluster=~"$cluster", job=~"$job"}, instance)',
+        "provider": f"label_values(llm_provider_up{{{exporter}}}, provider)",
+        "model": f'label_values(llm_model_info{{{exporter}, provider=~"$provider"}}, model)',
+    }
+    for name, variable in variables.items():
+        if name == "datasource":
+            continue
         assert variable["type"] == "query"
         assert variable["datasource"] == DATASOURCE
         assert variable["multi"] is True and variable["includeAll"] is True
-    assert list(variables)[:2] == ["datasource", "provider"], "the datasource comes first"
+        # All is `.*`, not the list of the values: for `cluster`, which has no values where
+        # the series carry no such label, `cluster=~".*"` still matches every series.
+        assert variable["allValue"] == ".*", name
+        assert variable["current"]["value"] == ["$__all"], name
+        assert variable.get("hide", 0) == 0, name
 
 
 @pytest.mark.parametrize("uid", generator.UIDS)
@@ -208,15 +228,17 @@ def test_each_dashboard_links_to_the_others() -> None:
 @pytest.mark.parametrize("uid", generator.UIDS)
 def test_firing_alerts_are_annotated(uid: str) -> None:
     annotations = DASHBOARDS[uid]["annotations"]["list"]
-    alerts = [a for a in annotations if a.get("expr") == 'ALERTS{alertstate="firing"}']
+    exporter = ", ".join(EXPORTER_FILTERS)
+    firing = f'ALERTS{{alertstate="firing", {exporter}}}'
+    alerts = [a for a in annotations if a.get("expr") == firing]
     assert len(alerts) == 1, uid
     assert alerts[0]["datasource"] == DATASOURCE and alerts[0]["enable"] is True
 
 
 @pytest.mark.parametrize(("uid", "where", "expr"), every_query())
 def test_every_selector_is_filtered_by_provider_and_model(uid: str, where: str, expr: str) -> None:
-    if where == "variable provider":
-        return  # the list of providers itself
+    if where in ("variable cluster", "variable job", "variable instance", "variable provider"):
+        return  # the lists of the exporters and of the providers themselves
     for name, matchers in SELECTOR.findall(expr):
         labels = METRICS[base_name(name)][1]
         if 'component="overall"' in matchers:
@@ -225,6 +247,50 @@ def test_every_selector_is_filtered_by_provider_and_model(uid: str, where: str, 
             assert 'provider=~"$provider"' in matchers, f"{uid} {where}: {name} in {expr}"
         if "model" in labels and not where.startswith("variable"):
             assert 'model=~"$model"' in matchers, f"{uid} {where}: {name} in {expr}"
+
+
+@pytest.mark.parametrize(("uid", "where", "expr"), every_query())
+def test_every_selector_is_filtered_by_the_exporter(uid: str, where: str, expr: str) -> None:
+    """Every series is chosen by the $cluster, $job and $instance variables too (host-wide
+    ones included), each variable's own list by those before it."""
+    wanted = {
+        "variable cluster": (),
+        "variable job": EXPORTER_FILTERS[:1],
+        "variable instance": EXPORTER_FILTERS[:2],
+    }.get(where, EXPORTER_FILTERS)
+    selectors = SELECTOR.findall(expr)
+    assert selectors, f"{uid} {where}: {expr}"
+    for name, matchers in selectors:
+        for matcher in wanted:
+            assert matcher in matchers, f"{uid} {where}: {name} without {matcher} in {expr}"
+
+
+@pytest.mark.parametrize(("uid", "where", "expr"), every_query())
+def test_aggregations_keep_the_exporter(uid: str, where: str, expr: str) -> None:
+    """Two exporters that watch providers of the same name (in one cluster or two) never
+    merge: every `by` and `on` keeps cluster, job and instance (`by (le)` of a heatmap, over
+    everything selected, aside), and only the status bar's stats total everything."""
+    for keyword, labels in GROUPING.findall(expr):
+        names = [label.strip() for label in labels.split(",")]
+        if keyword == "ignoring" or names == ["le"]:
+            continue
+        assert set(EXPORTER_LABELS) <= set(names), f"{uid} {where}: {keyword} ({labels})"
+    if TOTAL.search(expr):
+        (panel,) = [
+            p
+            for p in panels(DASHBOARDS[uid])
+            if f"panel {p['title']!r}" == where and any(t["expr"] == expr for t in p["targets"])
+        ]
+        assert panel["type"] == "stat", f"{uid} {where}: a total outside the status bar: {expr}"
+
+
+@pytest.mark.parametrize("uid", generator.UIDS)
+def test_every_legend_that_names_a_provider_names_its_exporter(uid: str) -> None:
+    for panel in panels(DASHBOARDS[uid]):
+        for target in panel["targets"]:
+            legend = target.get("legendFormat", "")
+            if "{{provider}}" in legend:
+                assert "{{instance}} {{provider}}" in legend, (panel["title"], legend)
 
 
 def test_no_recording_rules_in_panels() -> None:
@@ -334,10 +400,13 @@ def test_output_tokens_take_the_counters_else_the_gateway_else_the_probes() -> N
     expr = target["expr"]
     assert expr.startswith("sum(") and expr.endswith(")")
     counters, gateway, probes = expr[len("sum(") : -1].split(" or ")
-    assert counters.startswith("sum by (provider) (rate(llm_tokens_total{")
-    assert gateway.startswith("sum by (provider) (rate(llm_gateway_tokens_total{")
+    per_provider = "sum by (cluster, job, instance, provider)"
+    assert counters.startswith(f"{per_provider} (rate(llm_tokens_total{{")
+    assert gateway.startswith(f"{per_provider} (rate(llm_gateway_tokens_total{{")
     assert 'type="output"' in counters and 'type="output"' in gateway
-    assert probes.startswith("avg by (provider) (llm_probe_tokens_per_second{")
+    assert probes.startswith(
+        "avg by (cluster, job, instance, provider) (llm_probe_tokens_per_second{"
+    )
 
 
 # (uid, panel title): the metric of each source, in the order they are preferred.
@@ -372,7 +441,7 @@ def test_best_source_panels_prefer_the_provider_then_the_gateway_then_the_probes
     """As the llm-best-source recording rules: each source labelled, joined by `or`."""
     (panel,) = [p for p in panels(DASHBOARDS[uid]) if p["title"] == title]
     expr = panel["targets"][0]["expr"]
-    parts = re.split(r" or (?:ignoring \(source\)|on \(provider\)) ", expr)
+    parts = re.split(r" or (?:ignoring \(source\)|on \(cluster, job, instance, provider\)) ", expr)
     sources = ("provider", "gateway", "probe")[: len(BEST_SOURCE[uid, title])]
     assert len(parts) == len(sources), expr
     for part, source, metric in zip(parts, sources, BEST_SOURCE[uid, title], strict=True):
@@ -479,7 +548,13 @@ def test_panel_and_variable_queries_list_every_target() -> None:
         queries = generator.panel_queries(dashboard)
         assert len(queries) == targets > 0, uid
         assert all(isinstance(t, str) and isinstance(e, str) for t, e in queries)
-        assert [name for name, _ in generator.variable_queries(dashboard)] == ["provider", "model"]
+        assert [name for name, _ in generator.variable_queries(dashboard)] == [
+            "cluster",
+            "job",
+            "instance",
+            "provider",
+            "model",
+        ]
 
 
 def test_the_provisioning_matches_the_compose_mounts() -> None:
@@ -507,11 +582,9 @@ def test_promtool_parses_every_query(tmp_path: Path) -> None:
     for index, (_, _, expr) in enumerate(every_query()):
         if expr.startswith("label_values("):
             continue
-        filled = (
-            expr.replace("$__rate_interval", "1m")
-            .replace("$provider", ".*")
-            .replace("$model", ".*")
-        )
+        filled = expr.replace("$__rate_interval", "1m")
+        for name in ("cluster", "job", "instance", "provider", "model"):
+            filled = filled.replace(f"${name}", ".*")
         rules.append({"record": f"dashboard_query_{index}", "expr": filled})
     path = tmp_path / "queries.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboards", "rules": rules}]}))
