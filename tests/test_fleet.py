@@ -4,6 +4,7 @@ Prometheus that runs the bundle's rules."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -74,18 +75,65 @@ async def test_fifty_providers_each_a_target_of_their_own(tmp_path: Path) -> Non
             "scrape_configs": [job],
         }
         result = await asyncio.to_thread(observe, config, tmp_path)
-    ups, rules, per_provider = result
+    ups, rules, per_provider, panels = result
     assert len(ups) == PROVIDERS and set(ups.values()) == {1.0}, ups
     unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert rules and unhealthy == []
     # One series per provider, never two merged: the provider label is each target's own.
     for expr, series in per_provider.items():
         assert sorted(series) == sorted(ups), expr
+    # The Overview's queries: where a result names providers, never one provider twice among
+    # series whose other labels are equal; and some query (the provider table's) lists each
+    # of the 50 exactly once.
+    listed_all = False
+    for (panel, expr), results in panels.items():
+        seen: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for series in results:
+            labels = series["metric"]
+            if "provider" not in labels:
+                continue
+            rest = tuple(
+                sorted((k, v) for k, v in labels.items() if k not in ("provider", "instance"))
+            )
+            seen.setdefault(rest, []).append(labels["provider"])
+        for rest, providers in seen.items():
+            assert len(providers) == len(set(providers)), (panel, expr, rest)
+        named = [p for providers in seen.values() for p in providers]
+        listed_all = listed_all or sorted(named) == sorted(ups)
+    assert listed_all, "no Overview query lists every provider once"
+
+
+def overview_queries() -> list[tuple[str, str]]:
+    """(panel, expression) of every query of the Overview dashboard."""
+    dashboard = json.loads((ROOT / "grafana" / "dashboards" / "llm-overview.json").read_text())
+    found = []
+    panels = list(dashboard["panels"])
+    while panels:
+        panel = panels.pop(0)
+        panels.extend(panel.get("panels", []))
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                found.append((panel.get("title", ""), target["expr"]))
+    return found
+
+
+def substitute(expr: str) -> str:
+    """A query as Grafana sends it with every variable at All."""
+    values = {"__rate_interval": "30s", "__interval": "2s", "__range": "30s"}
+    values |= {"cluster": ".*", "job": ".*", "instance": ".*", "provider": ".+", "model": ".+"}
+    for name, value in values.items():
+        expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    return expr
 
 
 def observe(
     config: dict[str, Any], work: Path
-) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list[str]]]:
+) -> tuple[
+    dict[str, float],
+    list[dict[str, Any]],
+    dict[str, list[str]],
+    dict[tuple[str, str], list[dict[str, Any]]],
+]:
     """Run Prometheus until every provider was scraped and every rule evaluated twice; then
     what it holds: up per provider, the rules' health, and per-provider series."""
     with prometheus(config, work) as base:
@@ -115,4 +163,7 @@ def observe(
                 'sum by (provider, instance) (llm_exporter_scrape_success{cluster=~".*"})',
             )
         }
-        return ups, rules, per_provider
+        panels = {
+            (panel, expr): query(base, substitute(expr)) for panel, expr in overview_queries()
+        }
+        return ups, rules, per_provider, panels
