@@ -188,6 +188,16 @@ class TargetAllowlist:
 
 
 @dataclass(frozen=True)
+class ModuleProbe:
+    """A small streamed generation each /probe of a module's target sends."""
+
+    model: str
+    prompt: str = "Say hello."
+    max_tokens: int = 16
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class ModuleConfig:
     """How /probe collects a target that is not a configured provider."""
 
@@ -200,6 +210,7 @@ class ModuleConfig:
     tls_config: TLSConfig = TLSConfig()
     max_models: int = 100
     max_series: int = 10000
+    probe: ModuleProbe | None = None  # off: a probe reads state only and costs no GPU time
 
 
 @dataclass(frozen=True)
@@ -824,6 +835,7 @@ def _parse_module(reader: _Reader) -> ModuleConfig:
         tls_config=reader.section("tls_config", _parse_tls, TLSConfig()),
         max_models=reader.scalar("max_models", _positive_int, default.max_models),
         max_series=reader.scalar("max_series", _positive_int, default.max_series),
+        probe=reader.section("probe", _parse_module_probe, None),
     )
     reader.finish()
     allow = module.targets
@@ -865,6 +877,20 @@ def _regex(value: Any, path: str, node: yaml.Node) -> str:
     except re.error as exc:
         raise _fail(path, node, f"not a valid regular expression: {exc}") from None
     return text
+
+
+def _parse_module_probe(reader: _Reader | None) -> ModuleProbe | None:
+    if reader is None:
+        return None
+    default = ModuleProbe(model="")
+    probe = ModuleProbe(
+        model=reader.required("model", _string),
+        prompt=reader.scalar("prompt", _string, default.prompt),
+        max_tokens=reader.scalar("max_tokens", _positive_int, default.max_tokens),
+        timeout=reader.scalar("timeout", _duration, default.timeout),
+    )
+    reader.finish()
+    return probe
 
 
 def _parse_allowlist(reader: _Reader | None) -> TargetAllowlist:
@@ -1511,6 +1537,14 @@ def _module_document(module: ModuleConfig) -> dict[str, object]:
         document["tls_config"] = tls
     document["max_models"] = module.max_models
     document["max_series"] = module.max_series
+    if module.probe is not None:
+        probe = module.probe
+        document["probe"] = {
+            "model": probe.model,
+            "prompt": probe.prompt,
+            "max_tokens": probe.max_tokens,
+            "timeout": format_duration(probe.timeout),
+        }
     return document
 
 

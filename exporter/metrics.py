@@ -21,6 +21,7 @@ from .gateway import GatewayStats
 from .gateway.stats import REJECTED_FULL, REJECTED_TIMEOUT, CacheStats, QueueStats
 from .health import Status
 from .lifecycle import CAUSES, LifecycleStats
+from .multitarget import Probed
 from .probes import ProbeStats
 from .providers.base import EngineSnapshot, HistogramData, Residence
 
@@ -139,6 +140,11 @@ SPECS = {
         # /probe (blackbox_exporter's names): the target's series above, and these.
         Spec("probe_success", "gauge", "1 if the probed target answered its status endpoint (its llm_provider_up).", ()),
         Spec("probe_duration_seconds", "gauge", "How long the probe of the target took.", ()),
+        Spec("probe_generation_success", "gauge", "1 if the module's small streamed generation succeeded (module probe settings only).", ("model",)),
+        Spec("probe_generation_failures", "gauge", "1 for the failure class of the module's generation when it failed.", ("model", "failure")),
+        Spec("probe_generation_duration_seconds", "gauge", "How long the module's generation took, to its last token.", ("model",)),
+        Spec("probe_generation_time_to_first_token_seconds", "gauge", "Time from sending the module's generation to its first token.", ("model",)),
+        Spec("probe_generation_output_tokens", "gauge", "Tokens the module's generation produced, as the target counted them.", ("model",)),
         # The host.
         Spec("llm_host_cpu_usage_ratio", "gauge", "Share of the host's CPU time in use since the previous collection, from 0 to 1.", ()),
         Spec("llm_host_cpus", "gauge", "Logical CPUs of the host.", ()),
@@ -443,13 +449,24 @@ class HttpState:
     bad_requests: int = 0
 
 
-def render_probe(result: ProviderResult, seconds: float) -> list[Metric]:
-    """The families of one /probe answer: the target's series, then whether it answered and
-    how long the probe took."""
+def render_probe(probed: Probed) -> list[Metric]:
+    """The families of one /probe answer: the target's series, whether it answered and how
+    long the probe took, and what its generation did, if it sent one."""
     out = _Families()
-    _provider(out, result)
-    out.add("probe_success", [], float(result.snapshot.up))
-    out.add("probe_duration_seconds", [], seconds)
+    _provider(out, probed.result)
+    out.add("probe_success", [], float(probed.result.snapshot.up))
+    out.add("probe_duration_seconds", [], probed.seconds)
+    generation = probed.generation
+    if generation is not None:
+        labels, measured = [generation.model], generation.measurement
+        out.add("probe_generation_success", labels, float(measured is not None))
+        if measured is None:
+            out.add("probe_generation_failures", [*labels, generation.failure], 1.0)
+        else:
+            out.add("probe_generation_duration_seconds", labels, measured.duration)
+            first = measured.time_to_first_token
+            out.add("probe_generation_time_to_first_token_seconds", labels, first)
+            out.add("probe_generation_output_tokens", labels, measured.output_tokens)
     return list(out)
 
 

@@ -6,8 +6,9 @@
     GET /targets                       the configured providers, Prometheus' HTTP SD format
 
 A probe answers the provider's series, as /metrics has them, and probe_success and
-probe_duration_seconds, within the scrape's deadline. It reads the provider's state only:
-no synthetic generation, so a probe costs no GPU time.
+probe_duration_seconds, within the scrape's deadline. It reads the provider's state only,
+and costs no GPU time, unless the module has `probe` settings: then it also sends one small
+streamed generation to the target (which the allowlist allowed) and reports what it took.
 """
 
 from __future__ import annotations
@@ -16,19 +17,24 @@ import ipaddress
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .client import ConnectionStats
+from .client import DEADLINE, ConnectionStats
 from .collector import Collector, ProviderResult
 from .config import (
     Config,
     HostConfig,
     LifecycleConfig,
     ModuleConfig,
+    ModuleProbe,
     ProviderConfig,
     TargetAllowlist,
 )
+from .errors import FailureClass, ProviderError
+from .providers import Provider
+from .providers.base import ProbeMeasurement, ProbeSpec
 
 MAX_TARGET_CHARS = 2048
 # Probes in progress at once; one more is answered 503 at once (Prometheus retries at its
@@ -106,6 +112,28 @@ def module_provider(module: ModuleConfig, target: str) -> ProviderConfig:
     )
 
 
+# A generation left less than this of the scrape's deadline is not started.
+MIN_GENERATION_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the generation of a module's probe did: its measurement, or why it failed."""
+
+    model: str
+    measurement: ProbeMeasurement | None
+    failure: str = ""
+
+
+@dataclass(frozen=True)
+class Probed:
+    """One /probe: the target's collection, how long the probe took, and its generation."""
+
+    result: ProviderResult
+    seconds: float
+    generation: Generation | None = None
+
+
 class Prober:
     """Carries out /probe requests: at most MAX_PROBES at once."""
 
@@ -120,7 +148,7 @@ class Prober:
         target: str,
         module: str | None,
         budget: float,
-    ) -> tuple[ProviderResult, float]:
+    ) -> Probed:
         """Collect one target within budget: its result and how long that took.
 
         configured collects a configured provider by name (with the exporter's own clients);
@@ -130,6 +158,7 @@ class Prober:
             raise Refused(503, f"{MAX_PROBES} probes in progress: try again")
         self.running += 1
         started = self.clock()
+        generation = None
         try:
             if module is None:
                 names = {p.name for p in config.providers}
@@ -138,14 +167,14 @@ class Prober:
                     raise Refused(400, reason)
                 result = await configured(target, budget)
             else:
-                result = await self._module(config, target, module, budget)
+                result, generation = await self._module(config, target, module, budget)
         finally:
             self.running -= 1
-        return result, self.clock() - started
+        return Probed(result, self.clock() - started, generation)
 
     async def _module(
         self, config: Config, target: str, module_name: str, budget: float
-    ) -> ProviderResult:
+    ) -> tuple[ProviderResult, Generation | None]:
         module = config.modules.get(module_name)
         if module is None:
             raise Refused(400, "no module of that name in the configuration")
@@ -156,10 +185,31 @@ class Prober:
         # Its own client and counters: a target someone names adds no series to /metrics.
         one = Config(providers=(provider,), host=HostConfig(enabled=False))
         collector = Collector(one, stats=ConnectionStats())
+        started = self.clock()
         try:
-            return await collector.collect_provider(provider.name, budget)
+            result = await collector.collect_provider(provider.name, budget)
+            if module.probe is None or not result.snapshot.up:
+                return result, None
+            left = budget - (self.clock() - started)
+            generated = await self._generate(collector.providers[0], module.probe, left)
+            return result, generated
         finally:
             await collector.aclose()
+
+    async def _generate(self, provider: Provider, probe: ModuleProbe, left: float) -> Generation:
+        """One small streamed generation, within what is left of the deadline."""
+        timeout = min(probe.timeout, left)
+        if timeout < MIN_GENERATION_SECONDS:
+            return Generation(probe.model, None, FailureClass.TIMEOUT.value)
+        # The collection's deadline is still set in this context: the generation has its own.
+        token = DEADLINE.set(self.clock() + timeout)
+        try:
+            spec = ProbeSpec(probe.prompt, probe.max_tokens, timeout)
+            return Generation(probe.model, await provider.probe(probe.model, spec))
+        except ProviderError as exc:
+            return Generation(probe.model, None, exc.failure.value)
+        finally:
+            DEADLINE.reset(token)
 
 
 def targets_document(config: Config) -> list[dict[str, Any]]:

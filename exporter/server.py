@@ -436,7 +436,7 @@ async def handle_probe(request: web.Request) -> web.Response:
         request.headers.get("X-Prometheus-Scrape-Timeout-Seconds"), exporter.config
     )
     try:
-        result, seconds = await exporter.prober.probe(
+        probed = await exporter.prober.probe(
             exporter.config,
             exporter.collector.collect_provider,
             target,
@@ -446,7 +446,7 @@ async def handle_probe(request: web.Request) -> web.Response:
     except Refused as refused:
         return web.Response(text=f"{refused.reason}\n", status=refused.status)
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(_Scrape(render_probe(result, seconds)))
+    body = encoder(_Scrape(render_probe(probed)))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -163,6 +163,12 @@ INVALID = [
         " bits set",
     ),
     (
+        "a module's probe without its model",
+        provider() + "modules:\n  v:\n    kind: vllm\n    targets: {hosts: [h]}\n"
+        "    probe: {max_tokens: 4}\n",
+        "FILE:9: modules.v.probe.model: is required",
+    ),
+    (
         "a provider label the exporter sets",
         provider("    labels: {provider: x}"),
         "FILE:5: providers[0].labels.provider: set by the exporter or Prometheus: choose another"
@@ -1097,6 +1103,7 @@ modules:
     kind: vllm
     timeout: 2s
     targets: {hosts: ["*.svc", vllm-0], cidrs: [10.0.0.0/8, "fd00::/8"], regex: "https?://.*"}
+    probe: {model: tiny, prompt: "Hi.", max_tokens: 4, timeout: 3s}
 host: {mounts: [/, /srv]}
 health:
   response_time: {degraded: 1s, unhealthy: 3s}

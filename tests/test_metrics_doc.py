@@ -53,13 +53,14 @@ def served(text: str) -> dict[str, tuple[str, frozenset[str]]]:
 
 
 @pytest.fixture(scope="module")
-def scrapes(llama_server: LlamaCppServer) -> tuple[str, str]:
-    """/metrics of an exporter watching every provider kind, a provider process and a GPU,
-    and its /probe of one provider."""
+def scrapes(llama_server: LlamaCppServer) -> tuple[str, ...]:
+    """/metrics of an exporter watching every provider kind, a provider process and a GPU;
+    then its /probe of a configured provider, and of two targets by modules whose
+    generation succeeds (Ollama's chat) and fails (the vLLM stand-in has no chat)."""
     return asyncio.run(scrape_everything(llama_server))
 
 
-async def scrape_everything(llama_server: LlamaCppServer) -> tuple[str, str]:
+async def scrape_everything(llama_server: LlamaCppServer) -> tuple[str, ...]:
     """Scrape an exporter watching every provider kind, a provider process, a GPU and probes."""
     chat = ollama_chat(("Hi", "!"), first_load_ns=1_500_000_000, later_load_ns=1_000_000)
     # An answer the gateway's meter cannot read: it passes, counted as unmetered.
@@ -98,6 +99,7 @@ async def scrape_everything(llama_server: LlamaCppServer) -> tuple[str, str]:
                 lifecycle="{watch_interval: 50ms, pin: [pinned]}",
                 probes="{interval: 1h, jitter: 0, models: [{name: probed, allow_load: true}]}",
             ),
+            rest=MODULES,
         )
         assert llama_server.pid is not None
         async with running(config, nvml=StandInNvml(llama_server.pid)) as exporter:
@@ -105,8 +107,30 @@ async def scrape_everything(llama_server: LlamaCppServer) -> tuple[str, str]:
             await first_probe(exporter, "lifecycle")
             await through_the_gateways(exporter)
             await seen_loaded(exporter, {"pinned", "probed"})
-            probe = await exporter.http.get("/probe", params={"target": "vllm"})
-            return (await exporter.http.get("/metrics")).text, probe.text
+            probes = [
+                await exporter.http.get("/probe", params=params)
+                for params in (
+                    {"target": "vllm"},
+                    {"target": ollama.url, "module": "ollama-chat"},
+                    {"target": vllm.url, "module": "vllm-chat"},
+                )
+            ]
+            metrics = (await exporter.http.get("/metrics")).text
+            return (metrics, *(probe.text for probe in probes))
+
+
+# Modules for /probe, each with a generation: Ollama's stand-in answers it, vLLM's has no chat.
+MODULES = """
+modules:
+  ollama-chat:
+    kind: ollama
+    targets: {cidrs: [127.0.0.0/8]}
+    probe: {model: "mistral:latest", max_tokens: 2}
+  vllm-chat:
+    kind: vllm
+    targets: {cidrs: [127.0.0.0/8]}
+    probe: {model: tiny, max_tokens: 2}
+"""
 
 
 async def seen_loaded(exporter: Running, models: set[str]) -> None:
@@ -149,22 +173,26 @@ async def through_the_gateways(exporter: Running) -> None:
 
 
 @pytest.fixture(scope="module")
-def full_scrape(scrapes: tuple[str, str]) -> str:
+def full_scrape(scrapes: tuple[str, ...]) -> str:
     """/metrics of the exporter watching everything."""
     return scrapes[0]
 
 
-def test_catalogue_equals_a_real_scrape(scrapes: tuple[str, str]) -> None:
+def test_catalogue_equals_a_real_scrape(scrapes: tuple[str, ...]) -> None:
     """The catalogue lists what /metrics and /probe serve, with their types and labels."""
-    docs, scrape = documented(), served(scrapes[1]) | served(scrapes[0])
+    docs, scrape = documented(), {}
+    for text in reversed(scrapes):
+        scrape |= served(text)
     assert sorted(set(scrape) - set(docs)) == [], "served but not documented"
     assert sorted(set(docs) - set(scrape)) == [], "documented but not served"
     for name, (kind, labels) in scrape.items():
         assert docs[name] == (kind, labels), name
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["metrics", "probe"])
-def test_promtool_accepts_the_scrape(scrapes: tuple[str, str], which: int) -> None:
+@pytest.mark.parametrize(
+    "which", [0, 1, 2, 3], ids=["metrics", "probe", "probe-generated", "probe-generation-failed"]
+)
+def test_promtool_accepts_the_scrape(scrapes: tuple[str, ...], which: int) -> None:
     full_scrape = scrapes[which]
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: `make test` installs Debian's prometheus package"

@@ -25,7 +25,7 @@ from exporter.multitarget import (
 )
 from tests.helpers import Running, config_of, parse, provider_yaml, running
 from tests.prometheus_server import prometheus, query, until
-from tests.standins import StandIn, closed_port, vllm_routes
+from tests.standins import StandIn, closed_port, ollama_chat, ollama_routes, vllm_routes
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -149,8 +149,11 @@ async def test_a_module_sends_its_key_to_an_allowed_target_and_nothing_elsewhere
     assert (refused.status_code, other_seen) == (403, [])
     assert "not allowed" in refused.text and "sk-module-key" not in refused.text
     assert (unknown.status_code, nameless.status_code) == (400, 400)
-    # A probed target leaves nothing behind in /metrics.
+    # A probed target leaves nothing behind in /metrics, and without probe settings the
+    # module sends no generation: its probe costs no GPU time.
     assert not [s for s in scraped.samples if port in str(s)]
+    assert [path for path, _ in allowed_seen if "chat" in path or "generate" in path] == []
+    assert probe.all("probe_generation_success") == []
 
 
 async def test_a_dead_target_is_probe_success_0_within_the_deadline(tmp_path: Path) -> None:
@@ -265,3 +268,32 @@ def scrape_with_prometheus(
 
 
 WANTED = ("up", "probe_success", "llm_requests_running")
+
+
+async def test_a_module_with_probe_settings_also_generates_and_reports_it(tmp_path: Path) -> None:
+    words = ("Hello", " there", "!")
+    chat = ollama_chat(words, first_load_ns=2_000_000_000, later_load_ns=1_000_000)
+    seen: list[tuple[str, str]] = []
+    module = (
+        "modules:\n  gen:\n    kind: ollama\n    targets: {cidrs: [127.0.0.0/8]}\n"
+        "    probe: {model: 'mistral:latest', max_tokens: 3, timeout: 5s}\n"
+    )
+    async with StandIn(recording(ollama_routes(**{"/api/chat": chat}), seen)) as server:
+        async with running(parse_config("providers: []\n" + module)) as exporter:
+            answer = await exporter.http.get(
+                "/probe", params={"target": server.url, "module": "gen"}
+            )
+            refused = await exporter.http.get(
+                "/probe",
+                params={"target": server.url.replace("127.0.0.1", "localhost"), "module": "gen"},
+            )
+    probe = parse(answer.text)
+    model = {"model": "mistral:latest"}
+    assert probe.value("probe_success") == 1
+    assert probe.value("probe_generation_success", **model) == 1
+    assert probe.value("probe_generation_output_tokens", **model) == len(words)
+    first = probe.value("probe_generation_time_to_first_token_seconds", **model)
+    total = probe.value("probe_generation_duration_seconds", **model)
+    assert first is not None and total is not None and 0 < first <= total
+    assert [path for path, _ in seen].count("/api/chat") == 1  # the refused one sent none
+    assert refused.status_code == 403
