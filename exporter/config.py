@@ -1229,10 +1229,11 @@ def _yaml_reason(exc: yaml.MarkedYAMLError) -> str:
     return problem
 
 
-def parse_config(text: str, file: str = "") -> Config:
-    """Parse and validate a whole configuration; raise ConfigError if anything is wrong."""
+def compose_document(text: str, file: str = "") -> yaml.Node | None:
+    """The YAML node tree of a configuration file's text (None if empty), depth-bounded;
+    ConfigError, with the line, if it is not YAML."""
     try:
-        root = _compose(text)
+        return _compose(text)
     except ConfigError as exc:
         exc.file = file
         raise
@@ -1244,8 +1245,13 @@ def parse_config(text: str, file: str = "") -> Config:
         line = text.count("\n", 0, exc.position) + 1
         reason = f"invalid YAML: unacceptable character #x{exc.character:04x}"
         raise ConfigError("", reason, line=line, file=file) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"invalid YAML: {exc}", file=file) from None
+    except yaml.YAMLError:  # whatever else: its message may quote the file, secrets and all
+        raise ConfigError("", "invalid YAML", file=file) from None
+
+
+def parse_config(text: str, file: str = "") -> Config:
+    """Parse and validate a whole configuration; raise ConfigError if anything is wrong."""
+    root = compose_document(text, file)
     if root is None:
         raise ConfigError("", "the file is empty: configure at least one provider", file=file)
     errors: list[ConfigError] = []
@@ -1418,6 +1424,22 @@ def _threshold(threshold: Threshold, form: Callable[[float], object]) -> dict[st
     return {key: form(value) for key, value in values.items() if value is not None}
 
 
+def _connection_document(headers: Mapping[str, str], tls_config: TLSConfig) -> dict[str, object]:
+    """headers (secret-looking values masked) and tls_config, as a provider or module has them."""
+    document: dict[str, object] = {}
+    if headers:
+        document["headers"] = {
+            name: MASK if _SECRET_HEADER_RE.search(name) else value
+            for name, value in headers.items()
+        }
+    if tls_config != TLSConfig():
+        tls: dict[str, object] = {"insecure_skip_verify": tls_config.insecure_skip_verify}
+        if tls_config.ca_file is not None:
+            tls["ca_file"] = str(tls_config.ca_file)
+        document["tls_config"] = tls
+    return document
+
+
 def _provider_document(provider: ProviderConfig) -> dict[str, object]:
     document: dict[str, object] = {
         "name": provider.name,
@@ -1427,16 +1449,7 @@ def _provider_document(provider: ProviderConfig) -> dict[str, object]:
     if provider.api_key is not None:
         document["api_key"] = MASK
     document["timeout"] = format_duration(provider.timeout)
-    if provider.headers:
-        document["headers"] = {
-            name: MASK if _SECRET_HEADER_RE.search(name) else value
-            for name, value in provider.headers.items()
-        }
-    if provider.tls_config != TLSConfig():
-        tls: dict[str, object] = {"insecure_skip_verify": provider.tls_config.insecure_skip_verify}
-        if provider.tls_config.ca_file is not None:
-            tls["ca_file"] = str(provider.tls_config.ca_file)
-        document["tls_config"] = tls
+    document |= _connection_document(provider.headers, provider.tls_config)
     if provider.process is not None:
         process = provider.process
         document["process"] = {
@@ -1525,16 +1538,7 @@ def _module_document(module: ModuleConfig) -> dict[str, object]:
     document["timeout"] = format_duration(module.timeout)
     if module.api_key_file is not None:
         document["api_key_file"] = str(module.api_key_file)
-    if module.headers:
-        document["headers"] = {
-            name: MASK if _SECRET_HEADER_RE.search(name) else value
-            for name, value in module.headers.items()
-        }
-    if module.tls_config != TLSConfig():
-        tls: dict[str, object] = {"insecure_skip_verify": module.tls_config.insecure_skip_verify}
-        if module.tls_config.ca_file is not None:
-            tls["ca_file"] = str(module.tls_config.ca_file)
-        document["tls_config"] = tls
+    document |= _connection_document(module.headers, module.tls_config)
     document["max_models"] = module.max_models
     document["max_series"] = module.max_series
     if module.probe is not None:

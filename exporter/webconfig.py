@@ -43,13 +43,12 @@ from .config import (
     MAX_CONFIG_BYTES,
     MAX_KEY_FILE_BYTES,
     _bool,
-    _compose,
     _construct,
     _describe,
     _fail,
     _Reader,
     _Unscalar,
-    _yaml_reason,
+    compose_document,
     read_bounded,
 )
 from .errors import ConfigError, ConfigErrors
@@ -430,17 +429,7 @@ def parse_web_config(text: str, file: str = "", directory: Path | None = None) -
 
 def _parse(text: str, file: str, directory: Path | None, lines: dict[str, int]) -> WebConfig:
     """parse_web_config, noting the line of each key of tls_server_config in lines."""
-    try:
-        root = _compose(text)
-    except ConfigError as exc:
-        exc.file = file
-        raise
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError("", f"invalid YAML: {_yaml_reason(exc)}", line=line, file=file) from None
-    except yaml.YAMLError:
-        raise ConfigError("", "invalid YAML", file=file) from None
+    root = compose_document(text, file)
     if root is None or root.tag == "tag:yaml.org,2002:null":
         return WebConfig()  # an empty file: plain HTTP, no authentication
     errors: list[ConfigError] = []

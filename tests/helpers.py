@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -140,3 +141,14 @@ async def watch_queue(
         if isinstance(outcome, Exception):
             raise outcome
     return seen
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Terminate a process a test started; kill it if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)

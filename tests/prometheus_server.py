@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
+from tests.helpers import stop_process
+
 T = TypeVar("T")
 
 
@@ -45,12 +47,7 @@ def prometheus(config: dict[str, Any], work: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
 
 
 def query(base: str, expr: str) -> list[dict[str, Any]]:

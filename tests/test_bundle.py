@@ -34,7 +34,7 @@ from aiohttp import web
 
 from exporter.server import Exporter, create_app
 from llamacpp_server import LlamaCppServer, free_port
-from tests.helpers import config_of, provider_yaml
+from tests.helpers import config_of, provider_yaml, stop_process
 from tests.ollama_standin import OllamaLifecycle
 from tests.prometheus_server import prometheus
 from tests.standins import (
@@ -111,17 +111,6 @@ def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     """Start a server process with its output in a log file."""
     with log.open("wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate a process, kill it if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 def wait_for(check: Any, what: str, seconds: float = 60, every: float = 0.25) -> Any:
@@ -410,7 +399,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         yield result
     finally:
         for process in processes:
-            stop(process)
+            stop_process(process)
         llama.stop()
 
         async def bring_down() -> None:

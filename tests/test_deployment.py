@@ -32,6 +32,7 @@ import yaml
 
 from exporter.cli import build_parser
 from llamacpp_server import free_port
+from tests.helpers import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "deploy" / "systemd"
@@ -431,12 +432,7 @@ def guarded_exporter(tmp_path: Path, tls: bool, port: int) -> Iterator[None]:
     try:
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
 
 
 def run_health_command(command: str, port: int) -> int:

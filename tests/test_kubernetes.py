@@ -39,6 +39,7 @@ from referencing import Registry, Resource
 from exporter.cli import build_parser
 from exporter.config import DEFAULT_LISTEN_ADDRESS, parse_config, parse_listen_address
 from llamacpp_server import free_port
+from tests.helpers import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -497,12 +498,7 @@ def exporter_process(args: list[str], port: int, log: Path) -> Iterator[subproce
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stop_process(process)
 
 
 def status(url: str) -> int | None:
