@@ -1259,13 +1259,18 @@ def parse_config(text: str, file: str = "") -> Config:
         config = _parse_root(root, file, errors)
     except ConfigError as exc:
         errors.append(exc)
+    raise_found(errors, file)
+    return config
+
+
+def raise_found(errors: list[ConfigError], file: str) -> None:
+    """Raise the errors found in a file, if any: one as it is, several together by line."""
     for error in errors:
         error.file = file
     if len(errors) == 1:
         raise errors[0]
     if errors:
         raise ConfigErrors(sorted(errors, key=lambda error: error.line or 0))
-    return config
 
 
 def _compose(text: str) -> yaml.Node | None:

@@ -49,9 +49,10 @@ from .config import (
     _Reader,
     _Unscalar,
     compose_document,
+    raise_found,
     read_bounded,
 )
-from .errors import ConfigError, ConfigErrors
+from .errors import ConfigError
 from .logs import fields
 
 log = logging.getLogger(__name__)
@@ -448,12 +449,7 @@ def _parse(text: str, file: str, directory: Path | None, lines: dict[str, int]) 
         reader.finish()
     except ConfigError as exc:
         errors.append(exc)
-    for error in errors:
-        error.file = file
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ConfigErrors(sorted(errors, key=lambda error: error.line or 0))
+    raise_found(errors, file)
     return config
 
 
