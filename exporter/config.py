@@ -769,7 +769,8 @@ def _parse_provider(
     if provider.lifecycle.policy and kind is not None and not hasattr(kind, "unload_model"):
         reason = (
             f"kind {provider.kind} cannot load or unload models: the lifecycle policy"
-            " (pin, preload, max_loaded, max_memory, idle_unload) needs ollama or llamacpp"
+            " (pin, preload, max_loaded, max_memory, idle_unload) needs one that can: "
+            + ", ".join(sorted(name for name, k in KINDS.items() if hasattr(k, "unload_model")))
         )
         errors.append(reader.error(f"{path}.lifecycle", reason, reader.node("lifecycle")))
     return provider

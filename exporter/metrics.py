@@ -75,6 +75,10 @@ SPECS = {
         Spec("llm_requests_running", "gauge", "Requests the provider is processing now.", PM),
         Spec("llm_requests_waiting", "gauge", "Requests queued at the provider, waiting to be processed.", PM),
         Spec("llm_kv_cache_usage_ratio", "gauge", "Share of the KV cache in use, from 0 to 1.", PM),
+        Spec("llm_kv_cache_block_size_tokens", "gauge", "Tokens one block of the KV cache holds.", PM),
+        Spec("llm_kv_cache_blocks", "gauge", "Blocks of the KV cache on the accelerator.", PM),
+        Spec("llm_requests_preempted_total", "counter", "Requests the provider preempted (their KV cache evicted, to be recomputed or swapped back).", PM),
+        Spec("llm_requests_rejected_total", "counter", "Requests the provider's own admission limit turned away, by reason (vLLM: max_num_queued_reqs, max_num_queued_tokens).", (*PM, "reason")),
         Spec("llm_slots", "gauge", "The provider's processing slots, by state (busy or idle).", (*PM, "state")),
         Spec("llm_tokens_total", "counter", "Tokens the provider processed, by type (input: every prompt token, cached or not, as OpenTelemetry counts them; output: generated).", (*PM, "type")),
         Spec("llm_input_tokens_cached_total", "counter", "Prompt tokens the provider reused from its cache instead of evaluating.", PM),
@@ -243,6 +247,11 @@ def _engine(out: _Families, provider: str, engine: EngineSnapshot) -> None:
     out.add("llm_requests_running", labels, engine.requests_running)
     out.add("llm_requests_waiting", labels, engine.requests_waiting)
     out.add("llm_kv_cache_usage_ratio", labels, engine.kv_cache_usage_ratio)
+    out.add("llm_kv_cache_block_size_tokens", labels, engine.kv_cache_block_size_tokens)
+    out.add("llm_kv_cache_blocks", labels, engine.kv_cache_blocks)
+    out.add("llm_requests_preempted_total", labels, engine.preempted_requests_total)
+    for reason, count in sorted(engine.rejected_requests.items()):
+        out.add("llm_requests_rejected_total", [*labels, reason], count)
     out.add("llm_slots", [*labels, "busy"], engine.slots_busy)
     out.add("llm_slots", [*labels, "idle"], engine.slots_idle)
     out.add("llm_tokens_total", [*labels, "input"], engine.input_tokens_total)

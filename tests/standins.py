@@ -207,6 +207,27 @@ def vllm_routes(metrics: str = "vllm_metrics_busy.txt", **overrides: Handler) ->
     return {**routes, **overrides}
 
 
+def sglang_routes(metrics: str = "sglang_metrics.txt", **overrides: Handler) -> dict[str, Handler]:
+    """An SGLang server (tensor-parallel over two GPUs) in its source's shapes."""
+    routes = {
+        "/health": reply(b"", content_type="text/plain"),
+        "/v1/models": reply(fixture("sglang_models.json")),
+        "/server_info": reply(fixture("sglang_server_info.json")),
+        "/metrics": reply(fixture(metrics), content_type="text/plain"),
+    }
+    return {**routes, **overrides}
+
+
+def tgi_routes(metrics: str = "tgi_metrics.txt", **overrides: Handler) -> dict[str, Handler]:
+    """A TGI server replaying a recorded /metrics page and its /info shape."""
+    routes = {
+        "/health": reply(b"", content_type="text/plain"),
+        "/info": reply(fixture("tgi_info.json")),
+        "/metrics": reply(fixture(metrics), content_type="text/plain"),
+    }
+    return {**routes, **overrides}
+
+
 def openai_routes(**overrides: Handler) -> dict[str, Handler]:
     """An OpenAI-compatible server whose API base is /v1."""
     routes = {
@@ -219,6 +240,76 @@ def openai_routes(**overrides: Handler) -> dict[str, Handler]:
                 ],
             }
         )
+    }
+    return {**routes, **overrides}
+
+
+def lmstudio_routes(
+    models: str = "lmstudio_models_v1.json", **overrides: Handler
+) -> dict[str, Handler]:
+    """An LM Studio 0.4 server replaying its docs' model listings (v1 and the older v0)."""
+    routes = {
+        "/api/v1/models": reply(fixture(models)),
+        "/api/v0/models": reply(fixture("lmstudio_models_v0.json")),
+    }
+    return {**routes, **overrides}
+
+
+def lmstudio_chat(
+    words: tuple[str, ...], load_seconds: float | None = None, bodies: list[Any] | None = None
+) -> Handler:
+    """LM Studio's streamed POST /api/v1/chat (its docs' streaming events): a message.delta
+    per word, then chat.end with the stats; bodies, if given, collects the requests."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if bodies is not None:
+            bodies.append(body)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(data: dict[str, Any]) -> None:
+            event = f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+            await response.write(event.encode())
+
+        instance = body["model"]
+        await send({"type": "chat.start", "model_instance_id": instance})
+        if load_seconds is not None:
+            await send({"type": "model_load.start", "model_instance_id": instance})
+            end = {"type": "model_load.end", "load_time_seconds": load_seconds}
+            await send({**end, "model_instance_id": instance})
+        await send({"type": "prompt_processing.start"})
+        await send({"type": "prompt_processing.progress", "progress": 1})
+        await send({"type": "prompt_processing.end"})
+        await send({"type": "message.start"})
+        for word in words:
+            await send({"type": "message.delta", "content": word})
+            await asyncio.sleep(0.002)
+        await send({"type": "message.end"})
+        stats: dict[str, Any] = {
+            "input_tokens": 17,
+            "total_output_tokens": len(words),
+            "reasoning_output_tokens": 0,
+            "tokens_per_second": 51.03762685242662,
+            "time_to_first_token_seconds": 0.814,
+        }
+        if load_seconds is not None:
+            stats["model_load_time_seconds"] = load_seconds
+        output = [{"type": "message", "content": "".join(words)}]
+        result = {"model_instance_id": instance, "output": output, "stats": stats}
+        await send({"type": "chat.end", "result": result})
+        return response
+
+    return handle
+
+
+def trtllm_routes(metrics: str = "trtllm_metrics.txt", **overrides: Handler) -> dict[str, Handler]:
+    """A trtllm-serve started with return_perf_metrics: true, replaying its shapes."""
+    routes = {
+        "/health": reply(b"", content_type="text/plain"),
+        "/version": json_reply({"version": "1.2.0"}),
+        "/v1/models": reply(fixture("trtllm_models.json")),
+        "/prometheus/metrics": reply(fixture(metrics), content_type="text/plain"),
     }
     return {**routes, **overrides}
 

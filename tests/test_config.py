@@ -126,7 +126,8 @@ INVALID = [
         "providers:\n  - name: v\n    kind: vllm\n    url: http://h:1\n"
         "    lifecycle: {pin: [qwen]}\n",
         "FILE:5: providers[0].lifecycle: kind vllm cannot load or unload models: the lifecycle"
-        " policy (pin, preload, max_loaded, max_memory, idle_unload) needs ollama or llamacpp",
+        " policy (pin, preload, max_loaded, max_memory, idle_unload) needs one that can: llamacpp,"
+        " lmstudio, ollama",
     ),
     (
         "more models pinned than may be loaded",
@@ -275,7 +276,7 @@ INVALID = [
         "unknown kind",
         provider(kind="llama-cpp"),
         'FILE:3: providers[0].kind: unknown kind "llama-cpp" (did you mean "llamacpp"?),'
-        " expected one of llamacpp, ollama, openai, vllm",
+        " expected one of " + ", ".join(sorted(KINDS)),
     ),
     (
         "duplicate provider name",
@@ -1026,7 +1027,9 @@ def test_cli_check_valid(tmp_path: Path) -> None:
 
 def test_cli_check_example() -> None:
     result = _check(EXAMPLE)
-    assert (result.returncode, result.stdout) == (0, f"{EXAMPLE}: valid, 4 provider(s)\n")
+    # One provider of each kind.
+    expected = f"{EXAMPLE}: valid, {len(KINDS)} provider(s)\n"
+    assert (result.returncode, result.stdout) == (0, expected)
 
 
 @pytest.mark.parametrize(
@@ -1213,7 +1216,7 @@ def test_every_error_is_reported_at_once() -> None:
         parse_config(text, "f.yml")
     assert str(caught.value).splitlines() == [
         'config error: f.yml:3: providers[0].kind: unknown kind "olama" (did you mean "ollama"?),'
-        " expected one of llamacpp, ollama, openai, vllm",
+        " expected one of " + ", ".join(sorted(KINDS)),
         'config error: f.yml:5: providers[0].timeout: expected a duration like 5s, got "fast"',
         'config error: f.yml:9: providers[1].max_modles: unknown key (did you mean "max_models"?)',
         'config error: f.yml:11: global.scrape_timeout: expected a duration like 5s, got "0s"'

@@ -34,8 +34,12 @@ from tests.standins import (
     huge,
     json_reply,
     llamacpp_routes,
+    lmstudio_routes,
     ollama_routes,
     reply,
+    sglang_routes,
+    tgi_routes,
+    trtllm_routes,
     vllm_routes,
 )
 
@@ -128,6 +132,28 @@ RECORDED_FINISHED = sum(
 LLAMA_METRICS = "llamacpp:prompt_tokens_total 10\nllamacpp:tokens_predicted_total {value}\n"
 
 
+def every_kind(
+    kind: str,
+    routes: Callable[..., dict[str, Handler]],
+    status: str,
+    listing: str,
+    wrong_shape: object,
+) -> dict[str, Fault]:
+    """The faults every kind passes, named "KIND: fault": its status endpoint hangs, fails or
+    sends 50 MB (the provider is down); its model listing answers HTML, truncated or
+    wrong-shaped JSON (down where the listing is the status endpoint, else a partial answer)."""
+    listed = 0 if listing == status else 1
+    html = reply("<html><body>Bad gateway</body></html>", 200, "text/html")
+    return {
+        f"{kind}: hangs": Fault(kind, routes(**{status: hang()}), 0, "timeout", status),
+        f"{kind}: answers 500": Fault(kind, routes(**{status: reply("oops", 500, "text/plain")}), 0, "http_5xx", status),
+        f"{kind}: answers a 50 MB body": Fault(kind, routes(**{status: huge(50)}), 0, "invalid_response", status),
+        f"{kind}: answers HTML": Fault(kind, routes(**{listing: html}), listed, "invalid_response", listing),
+        f"{kind}: answers truncated JSON": Fault(kind, routes(**{listing: reply('{"data": [{"id"')}), listed, "invalid_response", listing),
+        f"{kind}: answers JSON of the wrong shape": Fault(kind, routes(**{listing: json_reply(wrong_shape)}), listed, "invalid_response", listing),
+    }  # fmt: skip
+
+
 VERSION = "/api/version"
 FAULTS = {
     "hangs": Fault("ollama", ollama_routes(**{VERSION: hang()}), 0, "timeout", VERSION),
@@ -215,6 +241,21 @@ FAULTS = {
         1, None, "/api/ps", check=twins_once,
     ),
 }  # fmt: skip
+FAULTS |= every_kind("lmstudio", lmstudio_routes, "/api/v1/models", "/api/v1/models", {"models": 1})
+FAULTS |= every_kind("trtllm", trtllm_routes, "/health", "/v1/models", {"data": "all of them"})
+FAULTS["trtllm: serves malformed metrics"] = Fault(
+    "trtllm",
+    trtllm_routes(**{"/prometheus/metrics": reply("trtllm_num_requests_running{oops 1\n", 200, "text/plain")}),
+    1, "invalid_response", "/prometheus/metrics",
+)  # fmt: skip
+FAULTS |= every_kind("sglang", sglang_routes, "/health", "/v1/models", {"data": "all of them"})
+FAULTS["sglang: serves malformed metrics"] = Fault(
+    "sglang", sglang_routes(**{"/metrics": reply("sglang:num_running_reqs{oops 1\n", 200, "text/plain")}), 1, "invalid_response", "/metrics"
+)  # fmt: skip
+FAULTS |= every_kind("tgi", tgi_routes, "/health", "/info", ["bigscience/blomm-560m"])
+FAULTS["tgi: serves malformed metrics"] = Fault(
+    "tgi", tgi_routes(**{"/metrics": reply("tgi_queue_size{oops 1\n", 200, "text/plain")}), 1, "invalid_response", "/metrics"
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
@@ -272,20 +313,33 @@ async def test_fault_is_classified_and_bounded(name: str, caplog: pytest.LogCapt
     )
 
 
-async def test_refused_connection_is_connect_failure() -> None:
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("vllm", "/health"),
+        ("lmstudio", "/api/v1/models"),
+        ("trtllm", "/health"),
+        ("sglang", "/health"),
+        ("tgi", "/health"),
+    ],
+)
+async def test_refused_connection_is_connect_failure(kind: str, status: str) -> None:
     port = closed_port()
-    config = config_of(provider_yaml("gone", "vllm", f"http://127.0.0.1:{port}"))
+    # Unwatched: the model watcher reads some of the same endpoints; the count is the scrape's.
+    url = f"http://127.0.0.1:{port}"
+    config = config_of(provider_yaml("gone", kind, url, lifecycle="{watch: false}"))
     async with running(config) as exporter:
         scrape = await exporter.scrape()
         health = (await exporter.http.get("/health")).json()
     assert scrape.value("llm_provider_up", provider="gone") == 0
     assert (
         scrape.value(
-            "llm_provider_requests_total", provider="gone", endpoint="/health", outcome="connect"
+            "llm_provider_requests_total", provider="gone", endpoint=status, outcome="connect"
         )
         == 1
     )
-    assert health["components"]["provider/gone"]["reason"].startswith("unreachable: GET /health: ")
+    reason = health["components"]["provider/gone"]["reason"]
+    assert reason.startswith(f"unreachable: GET {status}: ")
 
 
 async def test_scrape_deadline_from_prometheus_bounds_a_hanging_provider() -> None:

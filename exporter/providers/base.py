@@ -68,6 +68,10 @@ class EngineSnapshot:
     requests_running: float | None = None
     requests_waiting: float | None = None
     kv_cache_usage_ratio: float | None = None
+    kv_cache_block_size_tokens: float | None = None
+    kv_cache_blocks: float | None = None
+    preempted_requests_total: float | None = None
+    rejected_requests: Mapping[str, float] = field(default_factory=dict)  # by reason
     input_tokens_total: float | None = None
     output_tokens_total: float | None = None
     cached_input_tokens_total: float | None = None

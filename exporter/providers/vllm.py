@@ -22,6 +22,7 @@ import asyncio
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import ProviderError
 from .base import (
     EngineSnapshot,
     Findings,
@@ -53,6 +54,7 @@ _GAUGES = {
     "cached_input_tokens_total": ("vllm:prompt_tokens_cached_total",),
     "input_seconds_total": ("vllm:request_prefill_time_seconds_sum",),
     "output_seconds_total": ("vllm:request_decode_time_seconds_sum",),
+    "preempted_requests_total": ("vllm:num_preemptions_total",),
 }
 _HISTOGRAMS = {
     "time_to_first_token": ("vllm:time_to_first_token_seconds",),
@@ -64,6 +66,10 @@ _HISTOGRAMS = {
     "queue_duration": ("vllm:request_queue_time_seconds",),
 }
 FINISHED = "vllm:request_success_total"
+REJECTED = "vllm:admission_rejections_total"
+CACHE_CONFIG = "vllm:cache_config_info"
+# Reasons of admission rejections kept as label values; vLLM has two.
+MAX_REASONS = 8
 SLEEP_STATE = "vllm:engine_sleep_state"
 _WANTED = frozenset(
     [
@@ -75,6 +81,7 @@ _WANTED = frozenset(
             for part in histogram_names(name)
         ),
         FINISHED,
+        REJECTED,
     ]
 )
 
@@ -108,6 +115,13 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
     for field_name, names in _GAUGES.items():
         for name in names:
             values = sum_by(samples, name, MODEL)
+            if field_name == "kv_cache_usage_ratio":
+                # A share per engine (data-parallel ranks, each its own cache of one size):
+                # their mean, never their sum.
+                engines = sum_by(
+                    [replace(s, value=1.0) for s in samples if s.name == name], name, MODEL
+                )
+                values = {model: value / engines[model] for model, value in values.items()}
             for model, value in values.items():
                 fields.setdefault(model, {})[field_name] = value
             if values:
@@ -125,10 +139,35 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
         for reason, count in by_reason.items():  # a label value like any other: cleaned
             cleaned[text(reason)] = cleaned.get(text(reason), 0.0) + count
         fields.setdefault(model, {})["finished_requests"] = cleaned
+    rejected = sum_by_two(samples, REJECTED, MODEL, "reason")
+    for model, by_reason in rejected.items():
+        kept = dict(sorted(by_reason.items())[:MAX_REASONS])
+        fields.setdefault(model, {})["rejected_requests"] = {text(r): n for r, n in kept.items()}
+    # The cache's shape is the engine's, labelled by engine only: every model it serves.
+    # An info series of dozens of labels: one that cannot be read costs itself only.
+    try:
+        config = parse_samples(reply.text(), (CACHE_CONFIG,), reply.endpoint)
+    except ProviderError:
+        config = []
+    for sample in config[:1]:
+        shape = {
+            "kv_cache_block_size_tokens": _label_number(sample.labels.get("block_size")),
+            "kv_cache_blocks": _label_number(sample.labels.get("num_gpu_blocks")),
+        }
+        for of_model in fields.values():
+            of_model.update({k: v for k, v in shape.items() if v is not None})
     return [
         EngineSnapshot(model=text(model), **values)  # type: ignore[arg-type]
         for model, values in sorted(fields.items())
     ]
+
+
+def _label_number(value: str | None) -> float | None:
+    """A label's value as a finite non-negative number ("None" and the like: None)."""
+    try:
+        return number(float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _awake(reply: Reply) -> dict[str, bool]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from exporter.client import Reply, _parse
 from exporter.errors import ProviderError
-from exporter.providers import llamacpp, ollama, openai, vllm
+from exporter.providers import llamacpp, lmstudio, ollama, openai, sglang, tgi, trtllm, vllm
 from exporter.providers.base import HistogramData
 from exporter.providers.promtext import histograms_by, parse_samples
 
@@ -88,7 +88,11 @@ JSON = st.recursive(
         st.lists(inner, max_size=4),
         st.dictionaries(
             st.sampled_from(
-                ["data", "models", "id", "name", "meta", "size", "version", "details", "status"]
+                [
+                    *("data", "models", "id", "name", "meta", "size", "version", "details"),
+                    *("status", "key", "loaded_instances", "error"),
+                    *("model_id", "max_model_len", "max_total_tokens"),
+                ]
             ),
             inner,
             max_size=4,
@@ -107,6 +111,14 @@ PARSERS = [
     ("/models", openai._models),
     ("/v1/models", vllm._models),
     ("/version", vllm._version),
+    ("/api/v1/models", lmstudio._v1_models),
+    ("/api/v0/models", lmstudio._v0_models),
+    ("/api/v1/models/load", lmstudio._done("load")),
+    ("/v1/models", trtllm._models),
+    ("/version", trtllm._version),
+    ("/v1/models", sglang._models),
+    ("/server_info", sglang._version),
+    ("/info", tgi._info),
 ]
 
 

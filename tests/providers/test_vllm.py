@@ -56,6 +56,22 @@ async def test_busy_server_maps_onto_normalized_series() -> None:
     assert scrape.value("llm_exporter_scrape_success", provider="vllm") == 1
 
 
+async def test_the_router_contract_from_a_recorded_page() -> None:
+    """KV cache shape from cache_config_info's labels, preemptions and admission rejections,
+    as vLLM 0.32 wrote them (tests/fixtures/vllm_metrics_after.txt)."""
+    async with StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as server:
+        async with running(config_of(provider_yaml("vllm", "vllm", server.url))) as exporter:
+            scrape = await exporter.scrape()
+    tiny = {"provider": "vllm", "model": "tiny"}
+    assert scrape.value("llm_kv_cache_block_size_tokens", **tiny) == 128
+    assert scrape.value("llm_kv_cache_blocks", **tiny) == 8192
+    assert scrape.value("llm_requests_preempted_total", **tiny) == 0
+    assert {labels["reason"] for labels, _ in scrape.all("llm_requests_rejected_total")} == {
+        "max_num_queued_reqs",
+        "max_num_queued_tokens",
+    }
+
+
 async def test_histograms_keep_vllms_buckets() -> None:
     page = fixture("vllm_metrics_after.txt")
     async with StandIn(vllm_routes(metrics="vllm_metrics_after.txt")) as server:
@@ -160,3 +176,19 @@ async def test_residency_read_fails_when_the_models_are_unread() -> None:
     with pytest.raises(ProviderError) as failed:
         await model_states_of(vllm_routes(**{"/v1/models": reply("busy", 503, "text/plain")}))
     assert (failed.value.failure, failed.value.endpoint) == (FailureClass.HTTP_5XX, "/v1/models")
+
+
+async def test_data_parallel_engines_sum_their_requests_and_average_their_kv_cache() -> None:
+    page = (
+        'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.5\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="tiny"} 0.3\n'
+        'vllm:num_requests_running{engine="0",model_name="tiny"} 2\n'
+        'vllm:num_requests_running{engine="1",model_name="tiny"} 3\n'
+    )
+    routes = vllm_routes(**{"/metrics": reply(page, content_type="text/plain")})
+    async with StandIn(routes) as server:
+        async with running(config_of(provider_yaml("vllm", "vllm", server.url))) as exporter:
+            scrape = await exporter.scrape()
+    tiny = {"provider": "vllm", "model": "tiny"}
+    assert scrape.value("llm_kv_cache_usage_ratio", **tiny) == pytest.approx(0.4)
+    assert scrape.value("llm_requests_running", **tiny) == 5

@@ -93,6 +93,19 @@ async def test_counters_and_histograms_equal_vllms_own(vllm: VllmServer) -> None
         "vllm:request_success_total", model_name="tiny", finished_reason="length"
     )
     assert after.value("llm_exporter_scrape_success", provider="vllm") == 1
+    # The contract a router reads, against vLLM's own page: the KV cache's shape, preemptions
+    # and its admission limit's rejections.
+    ((config, _),) = truth_after.all("vllm:cache_config_info")
+    assert after.value("llm_kv_cache_blocks", **tiny) == float(config["num_gpu_blocks"])
+    assert after.value("llm_kv_cache_block_size_tokens", **tiny) == float(config["block_size"])
+    assert after.value("llm_requests_preempted_total", **tiny) == truth_after.value(
+        "vllm:num_preemptions_total", model_name="tiny"
+    )
+    rejected = truth_after.all("vllm:admission_rejections_total", model_name="tiny")
+    assert rejected and all(
+        after.value("llm_requests_rejected_total", reason=labels["reason"], **tiny) == value
+        for labels, value in rejected
+    )
 
 
 async def test_waiting_series_shows_the_queue(vllm: VllmServer) -> None:
