@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -195,6 +196,9 @@ class Collector:
             p.name: ProcessFinder(p.process, ps) for p in config.providers if p.process is not None
         }
         self._reported_drops: set[tuple[str, str]] = set()
+        # Per provider, the (model, engine field) pairs its last read engine page gave.
+        self._engine_fields: dict[str, set[tuple[str, str]]] = {}
+        self._reported_gone: set[tuple[str, str, str]] = set()
         self._reading: asyncio.Future[Resources] | None = None
 
     async def collect(self, deadline: float | None = None) -> Collection:
@@ -267,7 +271,29 @@ class Collector:
                     "provider series over their bound: dropped or folded into other",
                     extra=fields(provider=config.name, family=family, dropped=count),
                 )
+        self._note_gone(config.name, snapshot)
         return ProviderResult(config, snapshot, duration, dropped=dropped)
+
+    def _note_gone(self, provider: str, snapshot: ProviderSnapshot) -> None:
+        """Warn once about an engine series that a model still served no longer reports (an
+        upgrade renamed or dropped it): lost, not silently."""
+        if not snapshot.engines:
+            return  # its page was not read this time: nothing can be told
+        present = {
+            (engine.model, spec.name)
+            for engine in snapshot.engines
+            for spec in dataclass_fields(engine)
+            if spec.name != "model" and getattr(engine, spec.name) not in (None, {})
+        }
+        served = {engine.model for engine in snapshot.engines}
+        for model, name in sorted(self._engine_fields.get(provider, set()) - present):
+            if model in served and (provider, model, name) not in self._reported_gone:
+                self._reported_gone.add((provider, model, name))
+                log.warning(
+                    "engine metric no longer reported: its series is gone",
+                    extra=fields(provider=provider, model=model, series=name),
+                )
+        self._engine_fields[provider] = present
 
     async def _resources_within(self, budget: float) -> Resources:
         # psutil blocks, and a hung network mount can block it for good: read in a thread,

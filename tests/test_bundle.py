@@ -42,10 +42,14 @@ from tests.standins import (
     closed_port,
     delayed,
     json_reply,
+    lmstudio_routes,
     ollama_chat,
     ollama_routes,
     openai_routes,
+    sglang_routes,
     sse_chat,
+    tgi_routes,
+    trtllm_routes,
     vllm_routes,
 )
 from tests.test_host import StandInNvml
@@ -77,6 +81,8 @@ GENERATE_SECONDS = 2.0
 # so each switch evicts the other one: more than 3 times each, LLMModelThrashing's threshold.
 PINNED, SWITCHED = "pinned", ("a", "b")
 SWITCHES = 10
+# local, ollama, vllm, api, gone and models, then one of each other kind.
+PROVIDERS = 10
 
 
 class Loop:
@@ -210,6 +216,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             ):
                 standins.append(await StandIn(routes).start())
             ollama, vllm, api = standins
+            # One provider of every other kind, that the dashboards and rules serve them too.
+            more = {
+                kind: await StandIn(routes()).start()
+                for kind, routes in (
+                    ("sglang", sglang_routes),
+                    ("tgi", tgi_routes),
+                    ("trtllm", trtllm_routes),
+                    ("lmstudio", lmstudio_routes),
+                )
+            }
+            standins.extend(more.values())
             lifecycle = OllamaLifecycle(
                 (PINNED, *SWITCHED), max_loaded=2, load_seconds=0.05, generate_seconds=0.01
             )
@@ -235,6 +252,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 provider_yaml("gone", "ollama", f"http://127.0.0.1:{closed_port()}", timeout="1s"),
                 provider_yaml("models", "ollama", models.url, gateway="{listen: '127.0.0.1:0'}",
                               lifecycle=f"{{watch_interval: 50ms, pin: [{PINNED}]}}"),
+                *(provider_yaml(kind, kind, server.url) for kind, server in more.items()),
             )  # fmt: skip
             exporter = Exporter(config, nvml=StandInNvml(llama.pid or 0))
             runner, port = await serve(create_app(exporter))
@@ -308,7 +326,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
                 json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
                 timeout=30,
             ).raise_for_status()
-        wait_for(lambda: len(result.query("llm_provider_up")) == 6, "the first scrape", 40)
+        wait_for(lambda: len(result.query("llm_provider_up")) == PROVIDERS, "the first scrape", 40)
         # Real requests through the gateways: llama.cpp streamed (with usage, from a named
         # client) and not, Ollama's streamed /api/chat. Ollama counts nothing itself, so its
         # tokens and time to first token come from its gateway only. A gateway series is born

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
+
+import pytest
+from aiohttp import web
 
 from exporter.collector import MAX_BUCKETS, MAX_LABEL_VALUES, bounded
 from exporter.providers.base import EngineSnapshot, HistogramData, ModelSnapshot, ProviderSnapshot
 from tests.helpers import config_of, provider_yaml, running
-from tests.standins import StandIn, ollama_routes
+from tests.standins import StandIn, fixture, ollama_routes, vllm_routes
 
 
 async def test_max_models_bounds_the_model_labels_on_metrics() -> None:
@@ -67,3 +71,30 @@ def test_thinned_histogram_is_still_cumulative_and_ends_in_inf() -> None:
     assert len(thinned.buckets) <= MAX_BUCKETS
     assert thinned.buckets[-1] == (math.inf, 1000.0)
     assert set(thinned.buckets) <= set(buckets)
+
+
+async def test_an_engine_series_gone_after_an_upgrade_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc: a name the exporter does not
+    know yet leaves the series out, and the operator is told once, with its name."""
+    page = {"text": fixture("vllm_metrics_after.txt")}
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=page["text"], content_type="text/plain")
+
+    async with StandIn(vllm_routes(**{"/metrics": metrics})) as server:
+        config = config_of(provider_yaml("vllm", "vllm", server.url, lifecycle="{watch: false}"))
+        async with running(config) as exporter:
+            before = await exporter.scrape()
+            page["text"] = page["text"].replace(
+                "vllm:kv_cache_usage_perc", "vllm:kv_cache_use_2027"
+            )
+            with caplog.at_level(logging.WARNING, logger="exporter.collector"):
+                for _ in range(3):
+                    after = await exporter.scrape()
+    assert before.value("llm_kv_cache_usage_ratio", model="tiny") is not None
+    assert after.value("llm_kv_cache_usage_ratio", model="tiny") is None
+    gone = [r for r in caplog.records if "no longer reported" in r.getMessage()]
+    assert len(gone) == 1
+    assert getattr(gone[0], "fields", {})["series"] == "kv_cache_usage_ratio"
