@@ -132,6 +132,8 @@ def _values(reply: Reply) -> dict[str, Any]:
             break
     if finished:
         values["finished_requests"] = finished
+    if "overloaded" in finished:  # its queue was full: the server's own admission limit
+        values["rejected_requests"] = {"overloaded": finished["overloaded"]}
     return values
 
 

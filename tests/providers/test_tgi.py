@@ -121,6 +121,8 @@ async def test_a_busy_server_and_its_failure_classes() -> None:
         for labels, value in scrape.all("llm_requests_finished_total", **LABELS)
     }
     assert finished == {"success": 109, "validation": 2, "overloaded": 5, "generation": 1}
+    # A full queue is TGI's admission limit: the contract's rejected requests.
+    assert scrape.value("llm_requests_rejected_total", reason="overloaded", **LABELS) == 5
 
 
 async def test_older_info_gives_model_and_context() -> None:
