@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 from ..errors import FailureClass, ProviderError
 
 if TYPE_CHECKING:
-    from ..client import ProviderClient
+    from ..client import ProviderClient, Reply
     from ..config import ProviderConfig
 
 T = TypeVar("T")
@@ -240,6 +240,13 @@ class Findings:
     def snapshot(self, **fields: Any) -> ProviderSnapshot:
         """A snapshot carrying the failures found so far."""
         return ProviderSnapshot(failures=tuple(self.failures), **fields)
+
+
+def ready_when_200(reply: Reply) -> tuple[bool, float]:
+    """A health endpoint's answer, asked for with statuses 200 and 503: whether the server is
+    ready (200; 503 is up but not ready, a model loading or an engine down), and how long
+    it took to answer."""
+    return reply.status == 200, reply.seconds
 
 
 def expect(value: object, kind: type[T], what: str, endpoint: str) -> T:

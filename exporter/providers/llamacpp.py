@@ -40,6 +40,7 @@ from .base import (
     Residence,
     expect,
     number,
+    ready_when_200,
     text,
 )
 from .chat import probe_chat
@@ -104,11 +105,6 @@ class _Gone:
 
 
 _GONE = _Gone()
-
-
-def _health(reply: Reply) -> tuple[bool, float]:
-    # llama-server answers 503 while it loads the model: alive, not ready.
-    return reply.status == 200, reply.seconds
 
 
 def _listing(limit: int | None = None) -> Callable[[Reply], _Listing]:
@@ -250,7 +246,7 @@ class LlamaCppProvider:
         """Read health first; the rest concurrently once the server answers."""
         findings = Findings()
         (health,) = await findings.gather(
-            self.client.fetch("/health", _health, statuses=(200, 503))
+            self.client.fetch("/health", ready_when_200, statuses=(200, 503))
         )
         if health is None:
             self._forget()
@@ -449,7 +445,7 @@ class LlamaCppProvider:
             raise
 
     async def _health(self) -> tuple[bool, float]:
-        health = await self.client.fetch("/health", _health, statuses=(200, 503))
+        health = await self.client.fetch("/health", ready_when_200, statuses=(200, 503))
         assert health is not None  # not optional: a failure raised
         return health
 

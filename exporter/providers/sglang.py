@@ -50,6 +50,7 @@ from .base import (
     Residence,
     expect,
     number,
+    ready_when_200,
     text,
 )
 from .chat import probe_chat
@@ -97,11 +98,6 @@ _WANTED = frozenset(
         ),
     ]
 )
-
-
-def _health(reply: Reply) -> tuple[bool, float]:
-    # 503 while the server starts (its warm-up), or once its scheduler stopped answering.
-    return reply.status == 200, reply.seconds
 
 
 def _models(reply: Reply) -> list[ModelSnapshot]:
@@ -199,7 +195,7 @@ class SglangProvider:
         """Read health first; the rest concurrently once the server answers."""
         findings = Findings()
         (health,) = await findings.gather(
-            self.client.fetch("/health", _health, statuses=(200, 503))
+            self.client.fetch("/health", ready_when_200, statuses=(200, 503))
         )
         if health is None:
             self._version = None

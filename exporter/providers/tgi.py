@@ -46,6 +46,7 @@ from .base import (
     Residence,
     expect,
     number,
+    ready_when_200,
     text,
 )
 from .chat import probe_chat
@@ -83,10 +84,6 @@ _WANTED = frozenset(
 class _Info:
     model: ModelSnapshot
     version: str
-
-
-def _health(reply: Reply) -> tuple[bool, float]:
-    return reply.status == 200, reply.seconds
 
 
 def _info(reply: Reply) -> _Info:
@@ -150,7 +147,7 @@ class TgiProvider:
         """Read health first; the rest concurrently once the server answers."""
         findings = Findings()
         (health,) = await findings.gather(
-            self.client.fetch("/health", _health, statuses=(200, 503))
+            self.client.fetch("/health", ready_when_200, statuses=(200, 503))
         )
         if health is None:
             return findings.snapshot(up=False)
@@ -180,7 +177,7 @@ class TgiProvider:
         (shards failing their health check) leaves the read failed, residency unknown.
         """
         answers = await asyncio.gather(
-            self.client.fetch("/health", _health),
+            self.client.fetch("/health", ready_when_200),
             self.client.fetch("/info", _info),
             return_exceptions=True,
         )

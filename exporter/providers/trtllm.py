@@ -34,6 +34,7 @@ from .base import (
     ProviderSnapshot,
     Residence,
     expect,
+    ready_when_200,
     text,
 )
 from .chat import probe_chat
@@ -90,11 +91,6 @@ _WANTED = frozenset(
         *FINISHED,
     ]
 )
-
-
-def _health(reply: Reply) -> tuple[bool, float]:
-    # 503 with "LLM is unavailable": the server answers, its engine does not.
-    return reply.status == 200, reply.seconds
 
 
 def _models(reply: Reply) -> list[ModelSnapshot]:
@@ -181,7 +177,7 @@ class TrtllmProvider:
         """Read health first; the rest concurrently once the server answers."""
         findings = Findings()
         (health,) = await findings.gather(
-            self.client.fetch("/health", _health, statuses=(200, 503))
+            self.client.fetch("/health", ready_when_200, statuses=(200, 503))
         )
         if health is None:
             return findings.snapshot(up=False)
@@ -217,7 +213,7 @@ class TrtllmProvider:
         no load or unload, and a failed engine does not come back.
         """
         answers = await asyncio.gather(
-            self.client.fetch("/health", _health, statuses=(200, 503)),
+            self.client.fetch("/health", ready_when_200, statuses=(200, 503)),
             self.client.fetch("/v1/models", _models),
             return_exceptions=True,
         )
