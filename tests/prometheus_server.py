@@ -28,7 +28,8 @@ def free_port() -> int:
 
 @contextmanager
 def prometheus(config: dict[str, Any], work: Path) -> Iterator[str]:
-    """Run Prometheus with config for the block; yield its base URL."""
+    """Run Prometheus with config for the block; yield its base URL once it is ready (while
+    it starts, its API answers 503 in plain text)."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus is missing: `make test` installs Debian's prometheus package"
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -44,10 +45,19 @@ def prometheus(config: dict[str, Any], work: Path) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    base = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        until(lambda: _ready(base), "Prometheus ready", 60)
+        yield base
     finally:
         stop_process(process)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/-/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def query(base: str, expr: str) -> list[dict[str, Any]]:

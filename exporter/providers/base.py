@@ -249,6 +249,28 @@ def ready_when_200(reply: Reply) -> tuple[bool, float]:
     return reply.status == 200, reply.seconds
 
 
+def served_models(reply: Reply) -> list[ModelSnapshot]:
+    """An OpenAI-style /v1/models answer of a server that serves what it lists: each model
+    loaded, with its context length where the server gives max_model_len (vLLM, SGLang)."""
+    body = expect(reply.json(), dict, "the body", reply.endpoint)
+    models = []
+    for entry in expect(body.get("data"), list, "data", reply.endpoint):
+        entry = expect(entry, dict, "a model", reply.endpoint)
+        models.append(
+            ModelSnapshot(
+                name=text(expect(entry.get("id"), str, "a model id", reply.endpoint)),
+                loaded=True,
+                context_length=number(entry.get("max_model_len")),
+            )
+        )
+    return models
+
+
+def version_field(reply: Reply) -> str:
+    """The "version" of a JSON object answer (vLLM's /version, SGLang's /server_info ...)."""
+    return text(expect(reply.json(), dict, "the body", reply.endpoint).get("version"))
+
+
 def expect(value: object, kind: type[T], what: str, endpoint: str) -> T:
     """value if it is of kind, else an invalid_response ProviderError naming what was expected."""
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):

@@ -42,16 +42,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .base import (
     EngineSnapshot,
     Findings,
-    ModelSnapshot,
     ModelState,
     ProbeMeasurement,
     ProbeSpec,
     ProviderSnapshot,
     Residence,
-    expect,
-    number,
     ready_when_200,
+    served_models,
     text,
+    version_field,
 )
 from .chat import probe_chat
 from .promtext import Sample, histogram_names, histograms_by, parse_samples, sum_by, sum_by_two
@@ -98,25 +97,6 @@ _WANTED = frozenset(
         ),
     ]
 )
-
-
-def _models(reply: Reply) -> list[ModelSnapshot]:
-    body = expect(reply.json(), dict, "the body", reply.endpoint)
-    models = []
-    for entry in expect(body.get("data"), list, "data", reply.endpoint):
-        entry = expect(entry, dict, "a model", reply.endpoint)
-        models.append(
-            ModelSnapshot(
-                name=text(expect(entry.get("id"), str, "a model id", reply.endpoint)),
-                loaded=True,
-                context_length=number(entry.get("max_model_len")),
-            )
-        )
-    return models
-
-
-def _version(reply: Reply) -> str:
-    return text(expect(reply.json(), dict, "the body", reply.endpoint).get("version"))
 
 
 def _rank(value: str | None) -> int:
@@ -204,7 +184,7 @@ class SglangProvider:
         if not ready:
             return findings.snapshot(up=True, ready=False, response_time_seconds=seconds)
         models, engines, version = await findings.gather(
-            self.client.fetch("/v1/models", _models),
+            self.client.fetch("/v1/models", served_models),
             self.client.fetch("/metrics", _engines, optional=True),
             self._read_version(),
         )
@@ -222,9 +202,9 @@ class SglangProvider:
 
     async def _read_version(self) -> str:
         if self._version is None:
-            version = await self.client.fetch("/server_info", _version, optional=True)
+            version = await self.client.fetch("/server_info", version_field, optional=True)
             if version is None:
-                version = await self.client.fetch("/get_server_info", _version, optional=True)
+                version = await self.client.fetch("/get_server_info", version_field, optional=True)
             self._version = version
         return self._version or ""
 
@@ -235,7 +215,7 @@ class SglangProvider:
         Read from /v1/models alone: /health would make the idle server generate a token at
         every read of the lifecycle watcher.
         """
-        models = await self.client.fetch("/v1/models", _models) or []
+        models = await self.client.fetch("/v1/models", served_models) or []
         return tuple(ModelState(m.name, Residence.LOADED) for m in models[: self.config.max_models])
 
     async def probe(self, model: str, spec: ProbeSpec) -> ProbeMeasurement:

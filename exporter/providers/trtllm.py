@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, ClassVar
 from .base import (
     EngineSnapshot,
     Findings,
-    ModelSnapshot,
     ModelState,
     ProbeMeasurement,
     ProbeSpec,
     ProviderSnapshot,
     Residence,
-    expect,
     ready_when_200,
+    served_models,
     text,
+    version_field,
 )
 from .chat import probe_chat
 from .promtext import Sample, histogram_names, histograms_by, parse_samples, sum_by_two
@@ -91,20 +91,6 @@ _WANTED = frozenset(
         *FINISHED,
     ]
 )
-
-
-def _models(reply: Reply) -> list[ModelSnapshot]:
-    body = expect(reply.json(), dict, "the body", reply.endpoint)
-    models = []
-    for entry in expect(body.get("data"), list, "data", reply.endpoint):
-        entry = expect(entry, dict, "a model", reply.endpoint)
-        name = text(expect(entry.get("id"), str, "a model id", reply.endpoint))
-        models.append(ModelSnapshot(name=name, loaded=True))
-    return models
-
-
-def _version(reply: Reply) -> str:
-    return text(expect(reply.json(), dict, "the body", reply.endpoint).get("version"))
 
 
 def _samples(reply: Reply) -> list[Sample]:
@@ -183,8 +169,8 @@ class TrtllmProvider:
             return findings.snapshot(up=False)
         ready, seconds = health
         models, version, samples = await findings.gather(
-            self.client.fetch("/v1/models", _models),
-            self.client.fetch("/version", _version, optional=True),
+            self.client.fetch("/v1/models", served_models),
+            self.client.fetch("/version", version_field, optional=True),
             self.client.fetch(METRICS, _samples, optional=True),
         )
         models = [replace(model, loaded=ready) for model in models or []]
@@ -214,7 +200,7 @@ class TrtllmProvider:
         """
         answers = await asyncio.gather(
             self.client.fetch("/health", ready_when_200, statuses=(200, 503)),
-            self.client.fetch("/v1/models", _models),
+            self.client.fetch("/v1/models", served_models),
             return_exceptions=True,
         )
         for answer in answers:

@@ -19,6 +19,7 @@ mode's gauge (vllm/v1/metrics/loggers.py), 1 on the state the engine is in:
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -26,18 +27,18 @@ from ..errors import ProviderError
 from .base import (
     EngineSnapshot,
     Findings,
-    ModelSnapshot,
     ModelState,
     ProbeMeasurement,
     ProbeSpec,
     ProviderSnapshot,
     Residence,
-    expect,
     number,
+    served_models,
     text,
+    version_field,
 )
 from .chat import probe_chat
-from .promtext import histogram_names, histograms_by, parse_samples, sum_by, sum_by_two
+from .promtext import Sample, histogram_names, histograms_by, parse_samples, sum_by, sum_by_two
 
 if TYPE_CHECKING:
     from ..client import ProviderClient, Reply
@@ -90,27 +91,9 @@ def _seconds(reply: Reply) -> float:
     return reply.seconds
 
 
-def _models(reply: Reply) -> list[ModelSnapshot]:
-    body = expect(reply.json(), dict, "the body", reply.endpoint)
-    models = []
-    for entry in expect(body.get("data"), list, "data", reply.endpoint):
-        entry = expect(entry, dict, "a model", reply.endpoint)
-        models.append(
-            ModelSnapshot(
-                name=text(expect(entry.get("id"), str, "a model id", reply.endpoint)),
-                loaded=True,
-                context_length=number(entry.get("max_model_len")),
-            )
-        )
-    return models
-
-
-def _version(reply: Reply) -> str:
-    return text(expect(reply.json(), dict, "the body", reply.endpoint).get("version"))
-
-
-def _engines(reply: Reply) -> list[EngineSnapshot]:
-    samples = parse_samples(reply.text(), _WANTED, reply.endpoint)
+def _engines(samples: list[Sample], page: str, endpoint: str) -> list[EngineSnapshot]:
+    """The engines of one /metrics page: its wanted samples, and the page for the cache's
+    shape (an info series read apart)."""
     fields: dict[str, dict[str, object]] = {}
     for field_name, names in _GAUGES.items():
         for name in names:
@@ -118,9 +101,7 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
             if field_name == "kv_cache_usage_ratio":
                 # A share per engine (data-parallel ranks, each its own cache of one size):
                 # their mean, never their sum.
-                engines = sum_by(
-                    [replace(s, value=1.0) for s in samples if s.name == name], name, MODEL
-                )
+                engines = Counter(s.labels.get(MODEL, "") for s in samples if s.name == name)
                 values = {model: value / engines[model] for model, value in values.items()}
             for model, value in values.items():
                 fields.setdefault(model, {})[field_name] = value
@@ -146,7 +127,7 @@ def _engines(reply: Reply) -> list[EngineSnapshot]:
     # The cache's shape is the engine's, labelled by engine only: every model it serves.
     # An info series of dozens of labels: one that cannot be read costs itself only.
     try:
-        config = parse_samples(reply.text(), (CACHE_CONFIG,), reply.endpoint)
+        config = parse_samples(page, (CACHE_CONFIG,), endpoint)
     except ProviderError:
         config = []
     for sample in config[:1]:
@@ -172,8 +153,14 @@ def _label_number(value: str | None) -> float | None:
 
 def _awake(reply: Reply) -> dict[str, bool]:
     """Per model_name of the sleep-state gauge: whether an engine of it is awake."""
+    return _awake_of(parse_samples(reply.text(), (SLEEP_STATE,), reply.endpoint))
+
+
+def _awake_of(samples: list[Sample]) -> dict[str, bool]:
     awake: dict[str, bool] = {}
-    for sample in parse_samples(reply.text(), (SLEEP_STATE,), reply.endpoint):
+    for sample in samples:
+        if sample.name != SLEEP_STATE:
+            continue
         model = sample.labels.get(MODEL, "")
         # "awake" is 1 on an awake engine and 0 on a sleeping one, whose level is the
         # other series that is 1 (or none, when only its KV cache was released).
@@ -183,7 +170,10 @@ def _awake(reply: Reply) -> dict[str, bool]:
 
 
 def _engines_and_awake(reply: Reply) -> tuple[list[EngineSnapshot], dict[str, bool]]:
-    return _engines(reply), _awake(reply)
+    """The engines and the sleep state of one /metrics page, decoded and read once."""
+    page = reply.text()
+    samples = parse_samples(page, _WANTED | {SLEEP_STATE}, reply.endpoint)
+    return _engines(samples, page, reply.endpoint), _awake_of(samples)
 
 
 class VllmProvider:
@@ -202,8 +192,8 @@ class VllmProvider:
         if seconds is None:
             return findings.snapshot(up=False)
         models, version, page = await findings.gather(
-            self.client.fetch("/v1/models", _models),
-            self.client.fetch("/version", _version, optional=True),
+            self.client.fetch("/v1/models", served_models),
+            self.client.fetch("/version", version_field, optional=True),
             self.client.fetch("/metrics", _engines_and_awake),
         )
         engines, awake = page if page is not None else ([], {})
@@ -228,7 +218,7 @@ class VllmProvider:
         wakes an engine.
         """
         answers = await asyncio.gather(
-            self.client.fetch("/v1/models", _models),
+            self.client.fetch("/v1/models", served_models),
             self.client.fetch("/metrics", _awake),
             return_exceptions=True,
         )

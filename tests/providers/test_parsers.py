@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from exporter.client import Reply, _parse
 from exporter.errors import ProviderError
-from exporter.providers import llamacpp, lmstudio, ollama, openai, sglang, tgi, trtllm, vllm
-from exporter.providers.base import HistogramData
+from exporter.providers import llamacpp, lmstudio, ollama, openai, tgi
+from exporter.providers.base import HistogramData, served_models, version_field
 from exporter.providers.promtext import histograms_by, parse_samples
 
 # Lines that look like the text format, so that the property reaches the parser's depths,
@@ -109,15 +109,11 @@ PARSERS = [
     ("/api/ps", ollama._states),
     ("/api/version", ollama._version),
     ("/models", openai._models),
-    ("/v1/models", vllm._models),
-    ("/version", vllm._version),
+    ("/v1/models", served_models),
+    ("/version", version_field),
     ("/api/v1/models", lmstudio._v1_models),
     ("/api/v0/models", lmstudio._v0_models),
     ("/api/v1/models/load", lmstudio._done("load")),
-    ("/v1/models", trtllm._models),
-    ("/version", trtllm._version),
-    ("/v1/models", sglang._models),
-    ("/server_info", sglang._version),
     ("/info", tgi._info),
 ]
 

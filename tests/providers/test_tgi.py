@@ -7,23 +7,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import ConnectionStats, ProviderClient
 from exporter.errors import FailureClass, ProviderError
-from exporter.providers.base import ModelControl, ModelResidency, ModelState, ProbeSpec, Residence
+from exporter.providers.base import ModelState, ProbeSpec, Residence
 from exporter.providers.tgi import TgiProvider
-from tests.helpers import Scrape, config_of, provider_yaml, running
-from tests.standins import Handler, StandIn, fixture, reply, sse_chat, tgi_routes
+from tests.helpers import config_of, provider_yaml
+from tests.providers.helpers import model_states_of, page_total, scrape_of
+from tests.standins import StandIn, fixture, reply, sse_chat, tgi_routes
 
 MODEL = "bigscience/blomm-560m"
 LABELS = {"provider": "tgi", "model": MODEL}
-
-
-def truth(page: str, name: str, **labels: str) -> float:
-    """The sum of one series over the samples with these labels, read with prometheus_client."""
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(page)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 def buckets(page: str, name: str) -> dict[float, float]:
@@ -35,29 +26,25 @@ def buckets(page: str, name: str) -> dict[float, float]:
     }
 
 
-async def scrape_of(routes: dict[str, Handler]) -> Scrape:
-    async with StandIn(routes) as server:
-        async with running(config_of(provider_yaml("tgi", "tgi", server.url))) as exporter:
-            return await exporter.scrape()
-
-
 async def test_recorded_page_maps_onto_normalized_series() -> None:
     page = fixture("tgi_metrics.txt")
-    scrape = await scrape_of(tgi_routes())
+    scrape = await scrape_of("tgi", tgi_routes())
     assert scrape.value("llm_provider_info", provider="tgi", kind="tgi", version="3.3.6") == 1
     assert scrape.value("llm_model_loaded", **LABELS) == 1
     assert scrape.value("llm_model_context_tokens", **LABELS) == 512
-    assert scrape.value("llm_requests_running", **LABELS) == truth(page, "tgi_batch_current_size")
-    assert scrape.value("llm_requests_waiting", **LABELS) == truth(page, "tgi_queue_size")
+    assert scrape.value("llm_requests_running", **LABELS) == page_total(
+        page, "tgi_batch_current_size"
+    )
+    assert scrape.value("llm_requests_waiting", **LABELS) == page_total(page, "tgi_queue_size")
     # The token histograms' sums are the exact totals.
     assert (
         scrape.value("llm_tokens_total", type="input", **LABELS)
-        == truth(page, "tgi_request_input_length_sum")
+        == page_total(page, "tgi_request_input_length_sum")
         == 662
     )
     assert (
         scrape.value("llm_tokens_total", type="output", **LABELS)
-        == truth(page, "tgi_request_generated_tokens_sum")
+        == page_total(page, "tgi_request_generated_tokens_sum")
         == 3423
     )
     finished = {
@@ -69,8 +56,8 @@ async def test_recorded_page_maps_onto_normalized_series() -> None:
     assert (
         finished
         == {
-            "success": truth(page, "tgi_request_success_total"),
-            "validation": truth(page, "tgi_request_failure_total", err="validation"),
+            "success": page_total(page, "tgi_request_success_total"),
+            "validation": page_total(page, "tgi_request_failure_total", err="validation"),
         }
         == {"success": 109, "validation": 2}
     )
@@ -86,7 +73,7 @@ async def test_recorded_page_maps_onto_normalized_series() -> None:
 
 async def test_histograms_keep_tgis_buckets() -> None:
     page = fixture("tgi_metrics.txt")
-    scrape = await scrape_of(tgi_routes())
+    scrape = await scrape_of("tgi", tgi_routes())
     pairs = {
         "llm_request_duration_seconds": "tgi_request_duration",
         "llm_request_queue_duration_seconds": "tgi_request_queue_duration",
@@ -97,8 +84,8 @@ async def test_histograms_keep_tgis_buckets() -> None:
         }
         assert scraped == buckets(page, theirs), ours
         assert len(scraped) == 36
-        assert scrape.value(f"{ours}_count", **LABELS) == truth(page, f"{theirs}_count") == 109
-        assert scrape.value(f"{ours}_sum", **LABELS) == truth(page, f"{theirs}_sum")
+        assert scrape.value(f"{ours}_count", **LABELS) == page_total(page, f"{theirs}_count") == 109
+        assert scrape.value(f"{ours}_sum", **LABELS) == page_total(page, f"{theirs}_sum")
 
 
 async def test_a_busy_server_and_its_failure_classes() -> None:
@@ -113,7 +100,7 @@ async def test_a_busy_server_and_its_failure_classes() -> None:
             'tgi_request_failure{err="generation"} 1',
         )
     )
-    scrape = await scrape_of(tgi_routes(**{"/metrics": reply(page, 200, "text/plain")}))
+    scrape = await scrape_of("tgi", tgi_routes(**{"/metrics": reply(page, 200, "text/plain")}))
     assert scrape.value("llm_requests_running", **LABELS) == 4
     assert scrape.value("llm_requests_waiting", **LABELS) == 2
     finished = {
@@ -127,7 +114,7 @@ async def test_a_busy_server_and_its_failure_classes() -> None:
 
 async def test_older_info_gives_model_and_context() -> None:
     """TGI 2.0's /info (model_dtype, max_input_length, max_batch_total_tokens)."""
-    scrape = await scrape_of(tgi_routes(**{"/info": reply(fixture("tgi_info_v2.0.json"))}))
+    scrape = await scrape_of("tgi", tgi_routes(**{"/info": reply(fixture("tgi_info_v2.0.json"))}))
     assert scrape.value("llm_provider_info", provider="tgi", version="2.0.4") == 1
     assert scrape.value("llm_model_context_tokens", **LABELS) == 2048
     assert scrape.value("llm_tokens_total", type="output", **LABELS) == 3423
@@ -135,7 +122,7 @@ async def test_older_info_gives_model_and_context() -> None:
 
 async def test_unhealthy_shards_leave_it_up_not_ready() -> None:
     unhealthy = reply('{"error":"unhealthy","error_type":"healthcheck"}', 503)
-    scrape = await scrape_of(tgi_routes(**{"/health": unhealthy}))
+    scrape = await scrape_of("tgi", tgi_routes(**{"/health": unhealthy}))
     assert scrape.value("llm_provider_up", provider="tgi") == 1
     assert scrape.value("llm_provider_ready", provider="tgi") == 0
     assert scrape.all("llm_model_loaded", provider="tgi") == []
@@ -152,19 +139,8 @@ async def test_a_probe_streams_a_chat_completion() -> None:
     assert 0 <= measured.time_to_first_token <= measured.duration
 
 
-async def model_states_of(routes: dict[str, Handler]) -> tuple[ModelState, ...]:
-    """A TGI provider's residency read of a stand-in serving routes."""
-    async with StandIn(routes) as server:
-        config = config_of(provider_yaml("tgi", "tgi", server.url)).providers[0]
-        async with ProviderClient(config, ConnectionStats()) as client:
-            provider = TgiProvider(config, client)
-            assert isinstance(provider, ModelResidency)
-            assert not isinstance(provider, ModelControl)  # TGI offers no load or unload
-            return await provider.model_states()
-
-
 async def test_residency_follows_health() -> None:
-    assert await model_states_of(tgi_routes()) == (ModelState(MODEL, Residence.LOADED),)
+    assert await model_states_of("tgi", tgi_routes()) == (ModelState(MODEL, Residence.LOADED),)
     with pytest.raises(ProviderError) as failed:
-        await model_states_of(tgi_routes(**{"/health": reply("{}", 503)}))
+        await model_states_of("tgi", tgi_routes(**{"/health": reply("{}", 503)}))
     assert (failed.value.failure, failed.value.endpoint) == (FailureClass.HTTP_5XX, "/health")

@@ -7,25 +7,16 @@ import math
 
 import pytest
 
-from exporter.client import ConnectionStats, ProviderClient
 from exporter.errors import FailureClass, ProviderError
-from exporter.providers.base import ModelControl, ModelResidency, ModelState, Residence
+from exporter.providers.base import ModelState, Residence
 from exporter.providers.promtext import parse_samples
-from exporter.providers.trtllm import _WANTED, METRICS_OFF, UNHEALTHY, TrtllmProvider, _engines
+from exporter.providers.trtllm import _WANTED, METRICS_OFF, UNHEALTHY, _engines
 from tests.helpers import config_of, provider_yaml, running
-from tests.standins import Handler, StandIn, fixture, reply, sse_chat, trtllm_routes
+from tests.providers.helpers import model_states_of, page_total
+from tests.standins import StandIn, fixture, reply, sse_chat, trtllm_routes
 
 MODEL = "TinyLlama-1.1B-Chat-v1.0"
 LABELS = {"provider": "trt", "model": MODEL}
-
-
-def truth(name: str, text: str) -> float:
-    """The sum of one trtllm series over its label sets, read straight from the page."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_busy_server_maps_onto_normalized_series() -> None:
@@ -42,40 +33,40 @@ async def test_busy_server_maps_onto_normalized_series() -> None:
     assert scrape.all("llm_requests_running", model="undefined") == []
     assert (
         scrape.value("llm_requests_running", **LABELS)
-        == truth("trtllm_num_requests_running", page)
+        == page_total(page, "trtllm_num_requests_running")
         == 3
     )
     assert (
         scrape.value("llm_requests_waiting", **LABELS)
-        == truth("trtllm_num_requests_waiting", page)
+        == page_total(page, "trtllm_num_requests_waiting")
         == 2
     )
     assert (
         scrape.value("llm_kv_cache_usage_ratio", **LABELS)
-        == truth("trtllm_kv_cache_utilization", page)
+        == page_total(page, "trtllm_kv_cache_utilization")
         == 28 / 64
     )
     assert (
         scrape.value("llm_tokens_total", type="input", **LABELS)
-        == truth("trtllm_prompt_tokens_total", page)
+        == page_total(page, "trtllm_prompt_tokens_total")
         == 2734
     )
     assert (
         scrape.value("llm_tokens_total", type="output", **LABELS)
-        == truth("trtllm_generation_tokens_total", page)
+        == page_total(page, "trtllm_generation_tokens_total")
         == 1253
     )
     assert (
         scrape.value("llm_input_tokens_cached_total", **LABELS)
-        == truth("trtllm_prompt_cached_tokens_total", page)
+        == page_total(page, "trtllm_prompt_cached_tokens_total")
         == 1312
     )
-    assert scrape.value("llm_token_processing_seconds_total", type="input", **LABELS) == truth(
-        "trtllm_request_prefill_time_seconds_sum", page
+    assert scrape.value("llm_token_processing_seconds_total", type="input", **LABELS) == page_total(
+        page, "trtllm_request_prefill_time_seconds_sum"
     )
-    assert scrape.value("llm_token_processing_seconds_total", type="output", **LABELS) == truth(
-        "trtllm_request_decode_time_seconds_sum", page
-    )
+    assert scrape.value(
+        "llm_token_processing_seconds_total", type="output", **LABELS
+    ) == page_total(page, "trtllm_request_decode_time_seconds_sum")
     finished = {
         labels["reason"]: value
         for labels, value in scrape.all("llm_requests_finished_total", **LABELS)
@@ -107,8 +98,10 @@ async def test_histograms_keep_trtllms_buckets() -> None:
             line = f'{theirs}_bucket{{engine_type="undefined",le="{bound}",model_name="undefined"}}'
             assert line in page, line
             assert buckets[bound] == float(page.split(line, 1)[1].split()[0])
-        assert scrape.value(f"{ours}_count", model=MODEL) == truth(f"{theirs}_count", page) == 12
-        assert scrape.value(f"{ours}_sum", model=MODEL) == truth(f"{theirs}_sum", page)
+        assert (
+            scrape.value(f"{ours}_count", model=MODEL) == page_total(page, f"{theirs}_count") == 12
+        )
+        assert scrape.value(f"{ours}_sum", model=MODEL) == page_total(page, f"{theirs}_sum")
 
 
 def test_gauges_of_several_processes_are_summed_and_the_ratio_is_the_largest() -> None:
@@ -188,30 +181,23 @@ async def test_a_failed_engine_is_up_but_not_ready_and_its_model_not_loaded() ->
     assert UNHEALTHY in health["components"]["provider/trt"]["details"]["notes"]
 
 
-async def model_states_of(routes: dict[str, Handler]) -> tuple[ModelState, ...]:
-    """A trtllm provider's residency read of a stand-in serving routes."""
-    async with StandIn(routes) as server:
-        config = config_of(provider_yaml("trt", "trtllm", server.url)).providers[0]
-        async with ProviderClient(config, ConnectionStats()) as client:
-            provider = TrtllmProvider(config, client)
-            assert isinstance(provider, ModelResidency)
-            assert not isinstance(provider, ModelControl)  # trtllm-serve cannot load or unload
-            return await provider.model_states()
-
-
 async def test_the_served_model_is_loaded_while_health_answers_200() -> None:
-    assert await model_states_of(trtllm_routes()) == (ModelState(MODEL, Residence.LOADED),)
+    assert await model_states_of("trtllm", trtllm_routes()) == (
+        ModelState(MODEL, Residence.LOADED),
+    )
 
 
 async def test_the_served_model_failed_when_health_answers_503() -> None:
     routes = trtllm_routes(**{"/health": reply("LLM is unavailable.", 503, "text/plain")})
-    (state,) = await model_states_of(routes)
+    (state,) = await model_states_of("trtllm", routes)
     assert (state.name, state.residence) == (MODEL, Residence.FAILED)
 
 
 async def test_residency_read_fails_when_the_models_are_unread() -> None:
     with pytest.raises(ProviderError) as failed:
-        await model_states_of(trtllm_routes(**{"/v1/models": reply("busy", 503, "text/plain")}))
+        await model_states_of(
+            "trtllm", trtllm_routes(**{"/v1/models": reply("busy", 503, "text/plain")})
+        )
     assert (failed.value.failure, failed.value.endpoint) == (FailureClass.HTTP_5XX, "/v1/models")
 
 

@@ -7,22 +7,12 @@ import math
 
 import pytest
 
-from exporter.client import ConnectionStats, ProviderClient
 from exporter.errors import FailureClass, ProviderError
-from exporter.providers.base import ModelControl, ModelResidency, ModelState, Residence
+from exporter.providers.base import ModelState, Residence
 from exporter.providers.promtext import histograms_by, parse_samples
-from exporter.providers.vllm import VllmProvider
 from tests.helpers import config_of, provider_yaml, running
-from tests.standins import Handler, StandIn, fixture, reply, vllm_routes
-
-
-def truth(name: str, text: str) -> float:
-    """The sum of one vLLM series over its engines, read straight from the recorded page."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+from tests.providers.helpers import model_states_of, page_total
+from tests.standins import StandIn, fixture, reply, vllm_routes
 
 
 async def test_busy_server_maps_onto_normalized_series() -> None:
@@ -36,22 +26,22 @@ async def test_busy_server_maps_onto_normalized_series() -> None:
     assert scrape.value("llm_model_context_tokens", **labels) == 256
     assert (
         scrape.value("llm_requests_running", **labels)
-        == truth("vllm:num_requests_running", page)
+        == page_total(page, "vllm:num_requests_running")
         == 4
     )
     assert (
         scrape.value("llm_requests_waiting", **labels)
-        == truth("vllm:num_requests_waiting", page)
+        == page_total(page, "vllm:num_requests_waiting")
         == 4
     )
-    assert scrape.value("llm_kv_cache_usage_ratio", **labels) == truth(
-        "vllm:kv_cache_usage_perc", page
+    assert scrape.value("llm_kv_cache_usage_ratio", **labels) == page_total(
+        page, "vllm:kv_cache_usage_perc"
     )
-    assert scrape.value("llm_tokens_total", type="input", **labels) == truth(
-        "vllm:prompt_tokens_total", page
+    assert scrape.value("llm_tokens_total", type="input", **labels) == page_total(
+        page, "vllm:prompt_tokens_total"
     )
-    assert scrape.value("llm_tokens_total", type="output", **labels) == truth(
-        "vllm:generation_tokens_total", page
+    assert scrape.value("llm_tokens_total", type="output", **labels) == page_total(
+        page, "vllm:generation_tokens_total"
     )
     assert scrape.value("llm_exporter_scrape_success", provider="vllm") == 1
 
@@ -94,13 +84,13 @@ async def test_histograms_keep_vllms_buckets() -> None:
             line = f'{theirs}_bucket{{engine="0",le="{bound}",model_name="tiny"}}'
             assert line in page, line
             assert buckets[bound] == float(page.split(line, 1)[1].split()[0])
-        assert scrape.value(f"{ours}_count", model="tiny") == truth(f"{theirs}_count", page)
-        assert scrape.value(f"{ours}_sum", model="tiny") == truth(f"{theirs}_sum", page)
+        assert scrape.value(f"{ours}_count", model="tiny") == page_total(page, f"{theirs}_count")
+        assert scrape.value(f"{ours}_sum", model="tiny") == page_total(page, f"{theirs}_sum")
     finished = {
         labels["reason"]: v for labels, v in scrape.all("llm_requests_finished_total", model="tiny")
     }
-    assert finished["length"] == truth(
-        'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny"}', page
+    assert finished["length"] == page_total(
+        page, "vllm:request_success_total", finished_reason="length", model_name="tiny"
     )
 
 
@@ -137,17 +127,6 @@ def test_engines_are_summed_per_model() -> None:
     assert merged["m"].count == 7.0
 
 
-async def model_states_of(routes: dict[str, Handler]) -> tuple[ModelState, ...]:
-    """A vLLM provider's residency read of a stand-in serving routes."""
-    async with StandIn(routes) as server:
-        config = config_of(provider_yaml("vllm", "vllm", server.url)).providers[0]
-        async with ProviderClient(config, ConnectionStats()) as client:
-            provider = VllmProvider(config, client)
-            assert isinstance(provider, ModelResidency)
-            assert not isinstance(provider, ModelControl)  # vLLM offers no load or unload
-            return await provider.model_states()
-
-
 @pytest.mark.parametrize(
     ("page", "residence"),
     [
@@ -157,7 +136,9 @@ async def model_states_of(routes: dict[str, Handler]) -> tuple[ModelState, ...]:
     ],
 )
 async def test_residency_follows_the_sleep_state_gauge(page: str, residence: Residence) -> None:
-    assert await model_states_of(vllm_routes(metrics=page)) == (ModelState("tiny", residence),)
+    assert await model_states_of("vllm", vllm_routes(metrics=page)) == (
+        ModelState("tiny", residence),
+    )
 
 
 async def test_a_sleeping_engine_s_model_is_not_loaded() -> None:
@@ -174,7 +155,9 @@ async def test_a_sleeping_engine_s_model_is_not_loaded() -> None:
 
 async def test_residency_read_fails_when_the_models_are_unread() -> None:
     with pytest.raises(ProviderError) as failed:
-        await model_states_of(vllm_routes(**{"/v1/models": reply("busy", 503, "text/plain")}))
+        await model_states_of(
+            "vllm", vllm_routes(**{"/v1/models": reply("busy", 503, "text/plain")})
+        )
     assert (failed.value.failure, failed.value.endpoint) == (FailureClass.HTTP_5XX, "/v1/models")
 
 
